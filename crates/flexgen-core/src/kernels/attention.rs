@@ -1,0 +1,641 @@
+//! Multi-head scaled-dot-product attention over a key/value cache.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::softmax::softmax_row;
+use crate::error::{check_len, checked_product, Error, Result};
+use crate::simd::{dispatch, ensure_available, simd_level, Kern, SimdLevel};
+
+const OP: &str = "attention";
+
+/// From this many queries per sequence on, [`head_gemm`] is used.
+const GEMM_MIN_Q: usize = 8;
+/// Queries per GEMM block in [`head_gemm`] (bounds the scores buffer to `Q_BLOCK * kv_len`).
+const Q_BLOCK: usize = 64;
+
+/// Shape of an [`attention`] call.
+///
+/// Buffers are row-major with `hidden = n_heads * head_dim` columns: `q` and `out` are
+/// `[batch, q_len, hidden]`, the caches `k` and `v` are `[batch, kv_capacity, hidden]` of
+/// which rows `0..kv_len` are used, and `key_valid` is `[batch, kv_len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Number of sequences.
+    pub batch: usize,
+    /// Number of attention heads.
+    pub n_heads: usize,
+    /// Size of each head.
+    pub head_dim: usize,
+    /// New query tokens per sequence.
+    pub q_len: usize,
+    /// Cached positions attended to (including the new tokens); `q_len <= kv_len`.
+    pub kv_len: usize,
+    /// Allocated rows per sequence in `k`/`v`; `kv_len <= kv_capacity`.
+    pub kv_capacity: usize,
+}
+
+impl AttentionShape {
+    /// `n_heads * head_dim` (no overflow check; [`attention`] validates shapes).
+    pub fn hidden(&self) -> usize {
+        self.n_heads.wrapping_mul(self.head_dim)
+    }
+}
+
+/// Causal multi-head attention of `q_len` new tokens per sequence against cache positions
+/// `0..kv_len`, whose last `q_len` rows already hold the new tokens' keys and values.
+///
+/// Query `i` of sequence `b` sits at position `p = kv_len - q_len + i` and attends to keys
+/// `j <= p` with `key_valid[b * kv_len + j]` (false marks padding). Per head:
+/// `scores = (q · k) * scale`, masked softmax, `out = probs · v`. A query with no valid key
+/// gets zeros. Work is spread over rayon tasks per (sequence, head); the caches are read in
+/// place, so they can grow without being copied.
+///
+/// Returns [`Error::ShapeMismatch`] for a buffer of the wrong length and
+/// [`Error::InvalidArgument`] for inconsistent sizes (`q_len > kv_len`,
+/// `kv_len > kv_capacity`, overflow).
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    shape: &AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    attention_with_level(simd_level(), q, k, v, key_valid, shape, scale, out)
+}
+
+/// [`attention`] for a prompt: requires `kv_len == q_len` (every key is a new token).
+pub fn attention_prefill(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    shape: &AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    if shape.kv_len != shape.q_len {
+        return Err(Error::invalid(
+            "attention_prefill",
+            format!(
+                "kv_len ({}) must equal q_len ({})",
+                shape.kv_len, shape.q_len
+            ),
+        ));
+    }
+    attention(q, k, v, key_valid, shape, scale, out)
+}
+
+/// [`attention`] for generation steps: `q_len >= 1` new tokens against a cache of
+/// `kv_len >= q_len` positions.
+pub fn attention_decode(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    shape: &AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    if shape.q_len == 0 || shape.q_len > shape.kv_len {
+        return Err(Error::invalid(
+            "attention_decode",
+            format!(
+                "need 1 <= q_len ({}) <= kv_len ({})",
+                shape.q_len, shape.kv_len
+            ),
+        ));
+    }
+    attention(q, k, v, key_valid, shape, scale, out)
+}
+
+/// [`attention`] at an explicit SIMD level (an error if the CPU lacks it).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_level(
+    level: SimdLevel,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    shape: &AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    ensure_available(OP, level)?;
+    check_args(q, k, v, key_valid, shape, out)?;
+    let s = *shape;
+    let (hd, hidden) = (s.head_dim, s.hidden());
+    if s.batch == 0 || s.q_len == 0 || hidden == 0 {
+        return Ok(());
+    }
+    // Per-(sequence, head) results, laid out [batch][head][q_len][head_dim] so that each task
+    // owns one contiguous block; scattered into `out` afterwards.
+    let block = s.q_len * hd;
+    let mut tmp = vec![0.0f32; s.batch * s.n_heads * block];
+    let task = |scores: &mut Vec<f32>, (t, dst): (usize, &mut [f32])| {
+        let (b, h) = (t / s.n_heads, t % s.n_heads);
+        // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`.
+        dispatch!(level, K => unsafe {
+            head::<K>(q, k, v, key_valid, &s, scale, b, h, scores, dst)
+        })
+    };
+    if s.batch * s.n_heads == 1 || s.q_len * s.kv_len * hd < 1 << 12 {
+        let mut scores = Vec::new();
+        tmp.chunks_mut(block)
+            .enumerate()
+            .for_each(|t| task(&mut scores, t));
+    } else {
+        tmp.par_chunks_mut(block)
+            .enumerate()
+            .for_each_init(Vec::new, task);
+    }
+    for (t, src) in tmp.chunks_exact(block).enumerate() {
+        let (b, h) = (t / s.n_heads, t % s.n_heads);
+        for (i, row) in src.chunks_exact(hd).enumerate() {
+            let o = (b * s.q_len + i) * hidden + h * hd;
+            out[o..o + hd].copy_from_slice(row);
+        }
+    }
+    Ok(())
+}
+
+/// Attention of one (sequence `b`, head `h`) pair into `dst` (`[q_len][head_dim]`).
+///
+/// # Safety
+/// The CPU must support `K`'s SIMD level. Shapes must have passed [`check_args`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn head<K: Kern>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    s: &AttentionShape,
+    scale: f32,
+    b: usize,
+    h: usize,
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    if s.q_len >= GEMM_MIN_Q {
+        // SAFETY: forwarded from the caller.
+        unsafe { head_gemm::<K>(q, k, v, key_valid, s, scale, b, h, scores, dst) };
+        return;
+    }
+    let (hd, hidden) = (s.head_dim, s.hidden());
+    let valid = &key_valid[b * s.kv_len..(b + 1) * s.kv_len];
+    // Row j of this head's keys/values starts at `j * hidden`.
+    let cache_off = b * s.kv_capacity * hidden + h * hd;
+    let keys = &k[cache_off..];
+    let vals = &v[cache_off..];
+    scores.resize(s.kv_len, 0.0);
+    for (i, o) in dst.chunks_exact_mut(hd).enumerate() {
+        let p = s.kv_len - s.q_len + i;
+        let qoff = (b * s.q_len + i) * hidden + h * hd;
+        let qv = &q[qoff..qoff + hd];
+        let sc = &mut scores[..=p];
+        // SAFETY: forwarded from the caller; `keys`/`vals` hold rows `0..kv_len` at stride
+        // `hidden` (checked by `check_args`), and `p < kv_len`.
+        unsafe {
+            K::dot_rows(qv, keys, hidden, sc);
+            for (x, &ok) in sc.iter_mut().zip(valid) {
+                *x = if ok { *x * scale } else { f32::NEG_INFINITY };
+            }
+            softmax_row::<K>(sc);
+            o.fill(0.0);
+            K::axpy_rows(sc, vals, hidden, o);
+        }
+    }
+}
+
+/// [`head`] for many queries: blocks of `Q_BLOCK` queries use two small GEMMs
+/// (`scores = scale * Q Kᵀ`, then `out = P V`) instead of per-key dot products.
+///
+/// # Safety
+/// As for [`head`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_gemm<K: Kern>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    s: &AttentionShape,
+    scale: f32,
+    b: usize,
+    h: usize,
+    scores: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    let (hd, hidden) = (s.head_dim, s.hidden());
+    let valid = &key_valid[b * s.kv_len..(b + 1) * s.kv_len];
+    let cache_off = b * s.kv_capacity * hidden + h * hd;
+    let past = s.kv_len - s.q_len;
+    let mut i0 = 0;
+    while i0 < s.q_len {
+        let i1 = (i0 + Q_BLOCK).min(s.q_len);
+        let qb = i1 - i0;
+        // Keys 0..nk cover every position these queries may attend to.
+        let nk = past + i1;
+        scores.resize(qb * nk, 0.0);
+        let sc = &mut scores[..qb * nk];
+        // Exact extents of the strided operands (slicing panics rather than overreads).
+        let qoff = (b * s.q_len + i0) * hidden + h * hd;
+        let qs = &q[qoff..qoff + (qb - 1) * hidden + hd];
+        let ks = &k[cache_off..cache_off + (nk - 1) * hidden + hd];
+        let vs = &v[cache_off..cache_off + (nk - 1) * hidden + hd];
+        let out = &mut dst[i0 * hd..i1 * hd];
+        // SAFETY: lhs (i, l) = qs[i * hidden + l] with i < qb, l < hd; rhs (l, j) =
+        // ks[j * hidden + l] with j < nk; dst (i, j) = sc[i * nk + j]: all inside the slices
+        // above. With `read_dst == false` the old contents are ignored.
+        unsafe {
+            gemm::gemm(
+                qb,
+                nk,
+                hd,
+                sc.as_mut_ptr(),
+                1,
+                nk as isize,
+                false,
+                qs.as_ptr(),
+                1,
+                hidden as isize,
+                ks.as_ptr(),
+                hidden as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        };
+        for (ii, row) in sc.chunks_exact_mut(nk).enumerate() {
+            let p = past + i0 + ii;
+            for (x, &ok) in row[..=p].iter_mut().zip(valid) {
+                if !ok {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            row[p + 1..].fill(f32::NEG_INFINITY);
+            // SAFETY: forwarded from the caller.
+            unsafe { softmax_row::<K>(row) };
+        }
+        // SAFETY: lhs (i, j) = sc[i * nk + j]; rhs (j, l) = vs[j * hidden + l] with j < nk,
+        // l < hd; dst (i, l) = out[i * hd + l] with i < qb: all inside the slices above.
+        unsafe {
+            gemm::gemm(
+                qb,
+                hd,
+                nk,
+                out.as_mut_ptr(),
+                1,
+                hd as isize,
+                false,
+                sc.as_ptr(),
+                1,
+                nk as isize,
+                vs.as_ptr(),
+                1,
+                hidden as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        };
+        i0 = i1;
+    }
+}
+
+fn check_args(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    s: &AttentionShape,
+    out: &[f32],
+) -> Result<()> {
+    if s.q_len > s.kv_len {
+        return Err(Error::invalid(
+            OP,
+            format!("q_len ({}) > kv_len ({})", s.q_len, s.kv_len),
+        ));
+    }
+    if s.kv_len > s.kv_capacity {
+        return Err(Error::invalid(
+            OP,
+            format!("kv_len ({}) > kv_capacity ({})", s.kv_len, s.kv_capacity),
+        ));
+    }
+    let hidden = checked_product(OP, &[s.n_heads, s.head_dim])?;
+    let q_elems = checked_product(OP, &[s.batch, s.q_len, hidden])?;
+    let kv_elems = checked_product(OP, &[s.batch, s.kv_capacity, hidden])?;
+    check_len(OP, "q [batch, q_len, hidden]", q.len(), q_elems)?;
+    check_len(OP, "k [batch, kv_capacity, hidden]", k.len(), kv_elems)?;
+    check_len(OP, "v [batch, kv_capacity, hidden]", v.len(), kv_elems)?;
+    check_len(
+        OP,
+        "key_valid [batch, kv_len]",
+        key_valid.len(),
+        checked_product(OP, &[s.batch, s.kv_len])?,
+    )?;
+    check_len(OP, "out [batch, q_len, hidden]", out.len(), q_elems)
+}
+
+/// Scalar reference for [`attention`] (same arguments and errors).
+pub fn attention_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    shape: &AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    check_args(q, k, v, key_valid, shape, out)?;
+    let s = *shape;
+    let (hd, hidden) = (s.head_dim, s.hidden());
+    let mut scores = vec![0.0f32; s.kv_len];
+    for b in 0..s.batch {
+        for h in 0..s.n_heads {
+            for i in 0..s.q_len {
+                let p = s.kv_len - s.q_len + i;
+                let qoff = (b * s.q_len + i) * hidden + h * hd;
+                let mut mx = f32::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate().take(p + 1) {
+                    *sc = f32::NEG_INFINITY;
+                    if key_valid[b * s.kv_len + j] {
+                        let koff = (b * s.kv_capacity + j) * hidden + h * hd;
+                        let d: f32 = (0..hd).map(|d| q[qoff + d] * k[koff + d]).sum();
+                        *sc = d * scale;
+                        mx = mx.max(*sc);
+                    }
+                }
+                let o = &mut out[qoff..qoff + hd];
+                o.fill(0.0);
+                if mx == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = 0.0;
+                for sc in &mut scores[..=p] {
+                    *sc = (*sc - mx).exp();
+                    sum += *sc;
+                }
+                for (j, sc) in scores[..=p].iter().enumerate() {
+                    let pj = sc / sum;
+                    let voff = (b * s.kv_capacity + j) * hidden + h * hd;
+                    for d in 0..hd {
+                        o[d] += pj * v[voff + d];
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{assert_close, vec_f32};
+    use crate::simd::available_levels;
+    use proptest::prelude::*;
+
+    fn shape(
+        batch: usize,
+        n_heads: usize,
+        head_dim: usize,
+        q_len: usize,
+        kv_len: usize,
+        kv_capacity: usize,
+    ) -> AttentionShape {
+        AttentionShape {
+            batch,
+            n_heads,
+            head_dim,
+            q_len,
+            kv_len,
+            kv_capacity,
+        }
+    }
+
+    #[test]
+    fn errors() {
+        let s = shape(1, 2, 4, 2, 3, 4);
+        let (q, kv, valid) = (vec![0.0; 16], vec![0.0; 32], vec![true; 3]);
+        let mut out = vec![0.0; 16];
+        assert!(attention(&q, &kv, &kv, &valid, &s, 1.0, &mut out).is_ok());
+        assert!(matches!(
+            attention(&q[..15], &kv, &kv, &valid, &s, 1.0, &mut out),
+            Err(Error::ShapeMismatch { op: OP, .. })
+        ));
+        assert!(matches!(
+            attention(&q, &kv[..24], &kv, &valid, &s, 1.0, &mut out),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            attention(&q, &kv, &kv, &valid[..2], &s, 1.0, &mut out),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            attention(&q, &kv, &kv, &valid, &s, 1.0, &mut out[..8]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        let bad = shape(1, 2, 4, 4, 3, 4);
+        assert!(matches!(
+            attention(&[0.0; 32], &kv, &kv, &valid, &bad, 1.0, &mut [0.0; 32]),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let bad = shape(1, 2, 4, 2, 5, 4);
+        assert!(matches!(
+            attention(&q, &kv, &kv, &[true; 5], &bad, 1.0, &mut out),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let huge = shape(usize::MAX, 2, 4, 1, 1, 1);
+        assert!(matches!(
+            attention(&q, &kv, &kv, &valid, &huge, 1.0, &mut out),
+            Err(Error::InvalidArgument { .. })
+        ));
+        // Wrapper preconditions.
+        assert!(matches!(
+            attention_prefill(&q, &kv, &kv, &valid, &s, 1.0, &mut out),
+            Err(Error::InvalidArgument {
+                op: "attention_prefill",
+                ..
+            })
+        ));
+        let empty = shape(1, 2, 4, 0, 3, 4);
+        assert!(matches!(
+            attention_decode(&[], &kv, &kv, &valid, &empty, 1.0, &mut []),
+            Err(Error::InvalidArgument {
+                op: "attention_decode",
+                ..
+            })
+        ));
+        assert!(attention(&[], &kv, &kv, &valid, &empty, 1.0, &mut []).is_ok());
+    }
+
+    #[test]
+    fn single_key_and_padding() {
+        // One head, head_dim 3; query 0 of a prefill sees only key 0 -> out = v0.
+        // Sequence 1 has key 0 padded: query 0 has no valid key -> zeros.
+        let s = shape(2, 1, 3, 2, 2, 2);
+        let q = vec_of(12, 0.3);
+        let k = vec_of(12, -0.2);
+        let v: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let valid = [true, true, false, true];
+        for level in available_levels() {
+            let mut out = vec![f32::NAN; 12];
+            attention_with_level(level, &q, &k, &v, &valid, &s, 0.5, &mut out).unwrap();
+            assert_eq!(&out[0..3], &v[0..3], "{level}");
+            assert_eq!(&out[6..9], &[0.0; 3], "{level}");
+            // Sequence 1, query 1 sees only key 1.
+            assert_eq!(&out[9..12], &v[9..12], "{level}");
+        }
+        let mut out = vec![f32::NAN; 12];
+        attention_prefill(&q, &k, &v, &valid, &s, 0.5, &mut out).unwrap();
+        assert_eq!(&out[0..3], &v[0..3]);
+    }
+
+    fn vec_of(n: usize, step: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * step).sin()).collect()
+    }
+
+    /// Sizes that take the parallel path, with a cache larger than kv_len.
+    #[test]
+    fn parallel_decode_matches_ref() {
+        let s = shape(3, 4, 40, 2, 37, 50);
+        let hidden = 160;
+        let q = vec_of(3 * 2 * hidden, 0.37);
+        let k = vec_of(3 * 50 * hidden, 0.11);
+        let v = vec_of(3 * 50 * hidden, 0.23);
+        let valid: Vec<bool> = (0..3 * 37).map(|i| i % 7 != 3).collect();
+        let mut want = vec![0.0; q.len()];
+        attention_ref(&q, &k, &v, &valid, &s, 0.2, &mut want).unwrap();
+        let mut got = vec![0.0; q.len()];
+        attention_decode(&q, &k, &v, &valid, &s, 0.2, &mut got).unwrap();
+        assert_close(&got, &want, 1e-5, "decode");
+    }
+
+    /// A long prompt (several query blocks of the GEMM path) with left padding.
+    #[test]
+    fn long_prefill_matches_ref() {
+        let (batch, q_len) = (2, 150);
+        let s = shape(batch, 3, 20, q_len, q_len, q_len + 5);
+        let hidden = 60;
+        let q = vec_of(batch * q_len * hidden, 0.37);
+        let k = vec_of(batch * s.kv_capacity * hidden, 0.11);
+        let v = vec_of(batch * s.kv_capacity * hidden, 0.23);
+        // Sequence 1 is left-padded by 7 tokens.
+        let valid: Vec<bool> = (0..batch * q_len)
+            .map(|i| i < q_len || i - q_len >= 7)
+            .collect();
+        let mut want = vec![0.0; q.len()];
+        attention_ref(&q, &k, &v, &valid, &s, 0.3, &mut want).unwrap();
+        for level in available_levels() {
+            let mut got = vec![f32::NAN; q.len()];
+            attention_with_level(level, &q, &k, &v, &valid, &s, 0.3, &mut got).unwrap();
+            assert_close(&got, &want, 1e-5, &format!("{level}"));
+        }
+        // Padded queries attend to nothing and give zeros.
+        let mut got = vec![f32::NAN; q.len()];
+        attention_prefill(&q, &k, &v, &valid, &s, 0.3, &mut got).unwrap();
+        let pad_out = &got[q_len * hidden..(q_len + 7) * hidden];
+        assert!(pad_out.iter().all(|&x| x == 0.0));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn matches_ref(
+            (s, q, k, v, valid) in (1usize..4, 1usize..4, 1usize..40, 1usize..14, 0usize..12, 0usize..3)
+                .prop_flat_map(|(batch, n_heads, head_dim, q_len, past, extra)| {
+                    let kv_len = q_len + past;
+                    let s = shape(batch, n_heads, head_dim, q_len, kv_len, kv_len + extra);
+                    let hidden = n_heads * head_dim;
+                    (
+                        Just(s),
+                        vec_f32(batch * q_len * hidden),
+                        vec_f32(batch * s.kv_capacity * hidden),
+                        vec_f32(batch * s.kv_capacity * hidden),
+                        proptest::collection::vec(proptest::bool::weighted(0.85), batch * kv_len),
+                    )
+                }),
+            scale in 0.05f32..2.0,
+        ) {
+            let mut want = vec![0.0; q.len()];
+            attention_ref(&q, &k, &v, &valid, &s, scale, &mut want).unwrap();
+            for level in available_levels() {
+                let mut got = vec![f32::NAN; q.len()];
+                attention_with_level(level, &q, &k, &v, &valid, &s, scale, &mut got).unwrap();
+                assert_close(&got, &want, 1e-5, &format!("{level} {s:?}"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tmp_bench {
+    use super::*;
+    use std::time::Instant;
+
+    fn best<F: FnMut()>(mut f: F, reps: usize) -> f64 {
+        f();
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_attention() {
+        for (batch, q_len, kv_len) in [(32usize, 1usize, 512usize), (4, 512, 512)] {
+            let s = AttentionShape {
+                batch,
+                n_heads: 32,
+                head_dim: 64,
+                q_len,
+                kv_len,
+                kv_capacity: kv_len + 64,
+            };
+            let hidden = 2048;
+            let q: Vec<f32> = (0..batch * q_len * hidden)
+                .map(|i| ((i % 17) as f32) * 0.01)
+                .collect();
+            let kv: Vec<f32> = (0..batch * s.kv_capacity * hidden)
+                .map(|i| ((i % 23) as f32) * 0.01)
+                .collect();
+            let valid = vec![true; batch * kv_len];
+            let mut out = vec![0.0; q.len()];
+            let t = best(
+                || attention(&q, &kv, &kv, &valid, &s, 0.125, &mut out).unwrap(),
+                5,
+            );
+            let tr = best(
+                || attention_ref(&q, &kv, &kv, &valid, &s, 0.125, &mut out).unwrap(),
+                1,
+            );
+            let pairs = if q_len == 1 {
+                kv_len as f64
+            } else {
+                (kv_len * (kv_len + 1) / 2) as f64
+            };
+            let flops = 4.0 * batch as f64 * 32.0 * 64.0 * pairs;
+            println!(
+                "attn b{batch} q{q_len} kv{kv_len}: {:.2} ms ({:.1} GFLOP/s), ref {:.2} ms",
+                t * 1e3,
+                flops / t / 1e9,
+                tr * 1e3
+            );
+        }
+    }
+}

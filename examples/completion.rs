@@ -1,0 +1,116 @@
+//! Complete prompts with an OPT model: all prompts of one call run as one left-padded batch.
+//!
+//! ```text
+//! cargo run --release --example completion -- --model tests/fixtures/tiny-preln-f32 \
+//!     --prompt "Paris is the capital city of" --max-new-tokens 16 --json
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use flexgen::cli::resolve_tokenizer_dir;
+use flexgen::opt::{GenerationConfig, Pipeline};
+use flexgen_opt::{FinishReason, LoadOptions, OptModel, OptTokenizer};
+
+/// Generate continuations of text prompts with an OPT model from a Hugging Face folder.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Model folder: config.json plus model.safetensors or sharded safetensors.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer folder (tokenizer.json, or vocab.json + merges.txt). Default: the model
+    /// folder, else $FLEXGEN_TOKENIZER, else the repository's ../shared/data/opt-tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// A prompt; repeat for several. All prompts run as one batch.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// A file with one prompt per line (added after the --prompt ones).
+    #[arg(long)]
+    prompts_file: Option<PathBuf>,
+    /// New tokens per prompt at most.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches p.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop a row when its text contains this string (repeatable); the text ends before it.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object per prompt, in input order: {"prompt", "token_ids", "text"}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One `--json` output line.
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    prompt: &'a str,
+    token_ids: &'a [u32],
+    text: &'a str,
+    finish_reason: FinishReason,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut prompts = args.prompt.clone();
+    if let Some(file) = &args.prompts_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read prompts file {}", file.display()))?;
+        prompts.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_string));
+    }
+    if prompts.is_empty() {
+        bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE");
+    }
+    let (tok_dir, fallback) = resolve_tokenizer_dir(&args.model, args.tokenizer.as_deref());
+    if fallback {
+        eprintln!(
+            "note: {} has no tokenizer; using {}",
+            args.model.display(),
+            tok_dir.display()
+        );
+    }
+    let model = OptModel::load(&args.model, &LoadOptions::default())?;
+    let tokenizer = OptTokenizer::from_dir(&tok_dir)?;
+    let pipe = Pipeline::new(model, tokenizer);
+    let cfg = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_strings: args.stop.clone(),
+        ..GenerationConfig::default()
+    };
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let outs = pipe.generate(&refs, &cfg)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for (prompt, o) in prompts.iter().zip(&outs) {
+        if args.json {
+            let line = JsonLine {
+                prompt,
+                token_ids: &o.token_ids,
+                text: &o.text,
+                finish_reason: o.finish_reason,
+            };
+            writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        } else {
+            writeln!(out, "{prompt}{}", o.text)?;
+            writeln!(out, "---")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The `completion` example end to end, as a user runs it (`cargo test` builds examples first).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn example(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test-binary> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    dir.join(name)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn completion_json_matches_hf_greedy_in_input_order() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-postln-proj").join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompts: Vec<&str> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, format!("{}\n{}\n", prompts[1], prompts[2])).unwrap();
+    let out = Command::new(example("completion"))
+        .arg("--model")
+        .arg(fixture("tiny-postln-proj"))
+        .args(["--prompt", prompts[0], "--prompts-file"])
+        .arg(&file)
+        .args(["--max-new-tokens", "8", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (row, line) in lines.iter().enumerate() {
+        assert_eq!(line["prompt"], prompts[row]);
+        assert_eq!(line["token_ids"], r["greedy_new_tokens"][row], "row {row}");
+        assert!(line["text"].is_string());
+    }
+}
+
+#[test]
+fn completion_reports_bad_input_without_panicking() {
+    let run = |args: &[&str]| {
+        let out = Command::new(example("completion"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let model = fixture("tiny-preln-f32");
+    let model = model.to_str().unwrap();
+    let (ok, err) = run(&["--model", "/no/such/model", "--prompt", "hi"]);
+    assert!(
+        !ok && err.contains("/no/such/model") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--model", model]);
+    assert!(!ok && err.contains("no prompt"), "{err}");
+    let long = "word ".repeat(100);
+    let (ok, err) = run(&["--model", model, "--prompt", &long]);
+    assert!(
+        !ok && err.contains("positions") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--model", model, "--prompt", "hi", "--top-p", "2"]);
+    assert!(!ok && err.contains("top_p"), "{err}");
+}
