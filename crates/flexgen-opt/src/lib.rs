@@ -25,6 +25,7 @@
 //! | [`generate`], [`GenerationConfig`] | batched generation with a per-token callback |
 //! | [`Pipeline`] | model + tokenizer, text in, text out |
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -36,6 +37,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
+pub use chat::{ChatMessage, Role};
 pub use checkpoint::Checkpoint;
 pub use config::OptConfig;
 pub use error::{Error, Result};
