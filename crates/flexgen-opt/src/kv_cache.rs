@@ -99,9 +99,11 @@ impl BatchState {
         }
     }
 
-    /// K and V of layer `layer`, `[batch, capacity, hidden]`.
+    /// K and V of layer `layer`, `[batch, capacity, hidden]` (only the rows still held: after
+    /// [`BatchState::retain_rows`] the buffers keep their first allocation's size).
     pub(crate) fn layer_cache(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+        let len = self.batch * self.capacity * self.hidden;
+        (&self.keys[layer][..len], &self.values[layer][..len])
     }
 
     /// Marks `q_len` more tokens as held after a forward pass wrote them.
