@@ -3,6 +3,7 @@
 
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
+use crate::layers::KvSlot;
 use crate::model::Scratch;
 
 /// KV cache, padding mask and scratch buffers of a batch of sequences.
@@ -88,22 +89,16 @@ impl BatchState {
         }
     }
 
-    /// Stores the new tokens' keys and values (`[batch, q_len, hidden]`) of layer `layer`.
-    pub(crate) fn write_kv(&mut self, layer: usize, k: &[f32], v: &[f32], q_len: usize) {
-        let h = self.hidden;
-        for b in 0..self.batch {
-            let src = b * q_len * h;
-            let dst = (b * self.capacity + self.kv_len) * h;
-            self.keys[layer][dst..dst + q_len * h].copy_from_slice(&k[src..src + q_len * h]);
-            self.values[layer][dst..dst + q_len * h].copy_from_slice(&v[src..src + q_len * h]);
-        }
-    }
-
-    /// K and V of layer `layer`, `[batch, capacity, hidden]` (only the rows still held: after
-    /// [`BatchState::retain_rows`] the buffers keep their first allocation's size).
-    pub(crate) fn layer_cache(&self, layer: usize) -> (&[f32], &[f32]) {
+    /// The cache of layer `layer` as a [`KvSlot`] positioned after the stored tokens.
+    pub(crate) fn layer_slot(&mut self, layer: usize) -> KvSlot<'_> {
+        // Rows dropped by `retain_rows` leave unused space at the end of the buffers.
         let len = self.batch * self.capacity * self.hidden;
-        (&self.keys[layer][..len], &self.values[layer][..len])
+        KvSlot {
+            keys: &mut self.keys[layer][..len],
+            values: &mut self.values[layer][..len],
+            capacity: self.capacity,
+            kv_len: self.kv_len,
+        }
     }
 
     /// Marks `q_len` more tokens as held after a forward pass wrote them.

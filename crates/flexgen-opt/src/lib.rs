@@ -31,6 +31,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod kv_cache;
+pub mod layers;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;

@@ -6,13 +6,14 @@
 
 use std::path::Path;
 
-use flexgen_core::kernels::{self, AttentionShape};
+use flexgen_core::kernels;
 use flexgen_core::DType;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::BatchState;
+use crate::layers::{self, InputParams, LayerScratch, OutputParams};
 use crate::weights::{LayerNormWeights, Linear, OptWeights};
 
 /// LayerNorm epsilon of every OPT model.
@@ -45,23 +46,10 @@ pub struct OptModel {
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     x: Vec<f32>,
-    h: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    o: Vec<f32>,
-    ff: Vec<f32>,
-    emb: Vec<f32>,
     pos_ids: Vec<u32>,
     key_valid: Vec<bool>,
     sel: Vec<f32>,
-    sel2: Vec<f32>,
-}
-
-fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    buf.resize(len, 0.0);
-    &mut buf[..len]
+    layer: LayerScratch,
 }
 
 impl OptModel {
@@ -124,10 +112,7 @@ impl OptModel {
         logits: &mut Vec<f32>,
     ) -> Result<()> {
         let cfg = &self.config;
-        let w = &self.weights;
         let batch = state.batch();
-        let hd = cfg.hidden_size;
-        let ed = cfg.word_embed_dim();
         let rows = batch * q_len;
         if tokens.len() != rows || valid.len() != rows || q_len == 0 {
             return Err(Error::InvalidRequest(format!(
@@ -154,144 +139,99 @@ impl OptModel {
             }
         }
         let mut s = std::mem::take(&mut state.scratch);
+        let result = self.forward_with(state, &mut s, tokens, valid, q_len, which, logits);
+        state.scratch = s;
+        result
+    }
 
-        // Positions: cumsum(mask) * mask + 1 over the whole sequence (offset 2 built in).
-        s.pos_ids.clear();
-        for b in 0..batch {
-            let mut seen = state.valid_count(b);
-            for t in 0..q_len {
-                if valid[b * q_len + t] {
-                    seen += 1;
-                    s.pos_ids.push(seen as u32 + 1);
-                } else {
-                    s.pos_ids.push(1);
-                }
-            }
-            if seen > cfg.max_position_embeddings {
-                state.scratch = s;
-                return Err(Error::PromptTooLong {
-                    row: b,
-                    prompt_tokens: seen,
-                    new_tokens: 0,
-                    max_positions: cfg.max_position_embeddings,
-                });
-            }
-        }
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        state: &mut BatchState,
+        s: &mut Scratch,
+        tokens: &[u32],
+        valid: &[bool],
+        q_len: usize,
+        which: LogitsFor,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let w = &self.weights;
+        let batch = state.batch();
+        let hd = cfg.hidden_size;
+        let rows = batch * q_len;
 
-        // Embeddings.
-        let x = sized(&mut s.x, rows * hd);
-        if let Some(proj) = &w.project_in {
-            let emb = sized(&mut s.emb, rows * ed);
-            kernels::embedding(&w.embed_tokens, tokens, emb)?;
-            kernels::linear(emb, rows, proj, None, x)?;
-        } else {
-            kernels::embedding(&w.embed_tokens, tokens, x)?;
+        let mut seen: Vec<usize> = (0..batch).map(|b| state.valid_count(b)).collect();
+        let max_seen = layers::positions(valid, q_len, &mut seen, &mut s.pos_ids);
+        if max_seen > cfg.max_position_embeddings {
+            let row = seen.iter().position(|&c| c == max_seen).unwrap_or(0);
+            return Err(Error::PromptTooLong {
+                row,
+                prompt_tokens: max_seen,
+                new_tokens: 0,
+                max_positions: cfg.max_position_embeddings,
+            });
         }
-        let pos = sized(&mut s.h, rows * hd);
-        kernels::embedding(&w.embed_positions, &s.pos_ids, pos)?;
-        for (a, p) in x.iter_mut().zip(pos.iter()) {
-            *a += *p;
-        }
+        let x = layers::sized(&mut s.x, rows * hd);
+        let input = InputParams {
+            embed_tokens: &w.embed_tokens,
+            embed_positions: &w.embed_positions,
+            project_in: w.project_in.as_ref(),
+        };
+        layers::input_embedding(cfg, input, tokens, &s.pos_ids, x, &mut s.layer)?;
 
         state.append_mask(valid, q_len);
-        let kv_len = state.kv_len() + q_len;
-        state.key_valid_into(kv_len, &mut s.key_valid);
-        let shape = AttentionShape {
-            batch,
-            n_heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            q_len,
-            kv_len,
-            kv_capacity: state.capacity(),
-        };
-        let scale = (cfg.head_dim() as f32).powf(-0.5);
-        let pre_ln = cfg.do_layer_norm_before;
-
+        let kv_len = state.kv_len();
+        state.key_valid_into(kv_len + q_len, &mut s.key_valid);
         for (l, layer) in w.layers.iter().enumerate() {
-            // Self-attention block.
-            let x = &mut s.x[..rows * hd];
-            let h = sized(&mut s.h, rows * hd);
-            if pre_ln {
-                layer_norm(x, hd, &layer.self_attn_layer_norm, h)?;
-            } else {
-                h.copy_from_slice(x);
-            }
-            let q = sized(&mut s.q, rows * hd);
-            let k = sized(&mut s.k, rows * hd);
-            let v = sized(&mut s.v, rows * hd);
-            linear(h, rows, &layer.q_proj, q)?;
-            linear(h, rows, &layer.k_proj, k)?;
-            linear(h, rows, &layer.v_proj, v)?;
-            state.write_kv(l, k, v, q_len);
-            let attn = sized(&mut s.attn, rows * hd);
-            let (kc, vc) = state.layer_cache(l);
-            kernels::attention(q, kc, vc, &s.key_valid, &shape, scale, attn)?;
-            let o = sized(&mut s.o, rows * hd);
-            linear(attn, rows, &layer.out_proj, o)?;
-            add_assign(x, o);
-            if !pre_ln {
-                h.copy_from_slice(x);
-                layer_norm(h, hd, &layer.self_attn_layer_norm, x)?;
-            }
-
-            // MLP block.
-            if pre_ln {
-                layer_norm(x, hd, &layer.final_layer_norm, h)?;
-            } else {
-                h.copy_from_slice(x);
-            }
-            let ff = sized(&mut s.ff, rows * cfg.ffn_dim);
-            linear(h, rows, &layer.fc1, ff)?;
-            kernels::relu_inplace(ff);
-            linear(ff, rows, &layer.fc2, o)?;
-            add_assign(x, o);
-            if !pre_ln {
-                h.copy_from_slice(x);
-                layer_norm(h, hd, &layer.final_layer_norm, x)?;
-            }
+            let kv = state.layer_slot(l);
+            layers::self_attention(
+                cfg,
+                layer.attention(),
+                x,
+                q_len,
+                kv,
+                &s.key_valid,
+                &mut s.layer,
+            )?;
+            layers::mlp(cfg, layer.mlp(), x, &mut s.layer)?;
         }
         state.commit(q_len);
 
-        // Output: pick rows, final LN, project_out, tied lm_head.
-        let out_rows = match which {
-            LogitsFor::Last => batch,
-            LogitsFor::All => rows,
-        };
-        let sel = sized(&mut s.sel, out_rows * hd);
-        match which {
+        // Output: the last new position of each row, or all of them.
+        let sel = match which {
             LogitsFor::Last => {
+                let sel = layers::sized(&mut s.sel, batch * hd);
                 for b in 0..batch {
                     let src = (b * q_len + q_len - 1) * hd;
-                    sel[b * hd..(b + 1) * hd].copy_from_slice(&s.x[src..src + hd]);
+                    sel[b * hd..(b + 1) * hd].copy_from_slice(&x[src..src + hd]);
                 }
+                sel
             }
-            LogitsFor::All => sel.copy_from_slice(&s.x[..rows * hd]),
-        }
-        if let Some(ln) = &w.final_layer_norm {
-            let tmp = sized(&mut s.sel2, out_rows * hd);
-            layer_norm(sel, hd, ln, tmp)?;
-            sel.copy_from_slice(tmp);
-        }
-        let last: &[f32] = if let Some(proj) = &w.project_out {
-            let tmp = sized(&mut s.sel2, out_rows * ed);
-            kernels::linear(sel, out_rows, proj, None, tmp)?;
-            tmp
-        } else {
-            sel
+            LogitsFor::All => x,
         };
-        logits.resize(out_rows * cfg.vocab_size, 0.0);
-        kernels::linear(last, out_rows, &w.embed_tokens, None, logits)?;
-        state.scratch = s;
-        Ok(())
+        let output = OutputParams {
+            final_layer_norm: w.final_layer_norm.as_ref(),
+            project_out: w.project_out.as_ref(),
+            embed_tokens: &w.embed_tokens,
+        };
+        layers::output_logits(cfg, output, sel, logits, &mut s.layer)
     }
 }
 
-fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) -> Result<()> {
+/// `out = x · Wᵀ + b` for a model linear layer.
+pub(crate) fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) -> Result<()> {
     kernels::linear(x, rows, &l.weight, l.bias.as_deref(), out)?;
     Ok(())
 }
 
-fn layer_norm(x: &[f32], dim: usize, ln: &LayerNormWeights, out: &mut [f32]) -> Result<()> {
+/// OPT's layer norm (eps 1e-5) with optional affine parameters.
+pub(crate) fn layer_norm(
+    x: &[f32],
+    dim: usize,
+    ln: &LayerNormWeights,
+    out: &mut [f32],
+) -> Result<()> {
     kernels::layer_norm(
         x,
         dim,
@@ -301,10 +241,4 @@ fn layer_norm(x: &[f32], dim: usize, ln: &LayerNormWeights, out: &mut [f32]) -> 
         out,
     )?;
     Ok(())
-}
-
-fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += *b;
-    }
 }

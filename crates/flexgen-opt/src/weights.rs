@@ -6,6 +6,7 @@ use half::{bf16, f16};
 use crate::checkpoint::Checkpoint;
 use crate::config::OptConfig;
 use crate::error::Result;
+use crate::layers::{AttentionParams, MlpParams};
 
 /// A linear layer `y = x·Wᵀ + b` with W in HF's (out, in) layout.
 #[derive(Debug, Clone)]
@@ -44,6 +45,28 @@ pub struct DecoderLayerWeights {
     pub fc2: Linear,
     /// `final_layer_norm` of the layer (before the MLP in pre-LN models).
     pub final_layer_norm: LayerNormWeights,
+}
+
+impl DecoderLayerWeights {
+    /// The attention half of the layer.
+    pub fn attention(&self) -> AttentionParams<'_> {
+        AttentionParams {
+            q_proj: &self.q_proj,
+            k_proj: &self.k_proj,
+            v_proj: &self.v_proj,
+            out_proj: &self.out_proj,
+            layer_norm: &self.self_attn_layer_norm,
+        }
+    }
+
+    /// The MLP half of the layer.
+    pub fn mlp(&self) -> MlpParams<'_> {
+        MlpParams {
+            fc1: &self.fc1,
+            fc2: &self.fc2,
+            layer_norm: &self.final_layer_norm,
+        }
+    }
 }
 
 /// Every tensor of an OPT decoder. `lm_head` is the token embedding (tied).
