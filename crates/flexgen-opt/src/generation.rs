@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::OptConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::BatchState;
 use crate::model::{LogitsFor, OptModel};
@@ -151,28 +152,9 @@ pub enum Flow {
     StopAll,
 }
 
-struct RowState {
-    ids: Vec<u32>,
-    text: String,
-    emitted: usize,
-    decoder: IncrementalDecoder,
-    rng: StdRng,
-    finish: Option<FinishReason>,
-    prompt_tokens: usize,
-}
-
-/// Checks prompts against the model before any work.
-fn validate(
-    model: &OptModel,
-    prompts: &[Vec<u32>],
-    cfg: &GenerationConfig,
-    tokenizer: Option<&OptTokenizer>,
-) -> Result<()> {
-    let mc = model.config();
+/// Checks a config before any work: sampling values, stop strings, vocabulary limit.
+pub fn validate_config(cfg: &GenerationConfig, tokenizer: Option<&OptTokenizer>) -> Result<()> {
     cfg.sampling().validate()?;
-    if prompts.is_empty() {
-        return Err(Error::InvalidRequest("no prompts given".into()));
-    }
     if !cfg.stop_strings.is_empty() && tokenizer.is_none() {
         return Err(Error::InvalidRequest(
             "stop strings need a tokenizer to decode text".into(),
@@ -184,28 +166,63 @@ fn validate(
     if cfg.vocab_limit == Some(0) {
         return Err(Error::InvalidRequest("vocab_limit is 0".into()));
     }
-    for (row, p) in prompts.iter().enumerate() {
-        if p.is_empty() {
-            return Err(Error::InvalidRequest(format!(
-                "prompt {row} has no tokens (OPT prompts start with </s>)"
-            )));
-        }
-        if let Some(&id) = p.iter().find(|&&id| id as usize >= mc.vocab_size) {
-            return Err(Error::TokenOutOfRange {
-                row,
-                id,
-                vocab_size: mc.vocab_size,
-            });
-        }
-        // The last new token is sampled, never fed back: it needs no position.
-        if p.len() + cfg.max_new_tokens.saturating_sub(1) > mc.max_position_embeddings {
-            return Err(Error::PromptTooLong {
-                row,
-                prompt_tokens: p.len(),
-                new_tokens: cfg.max_new_tokens,
-                max_positions: mc.max_position_embeddings,
-            });
-        }
+    Ok(())
+}
+
+/// Checks prompt `row` (ids with BOS) against the model: not empty, ids in the vocabulary, and
+/// room for it plus `cfg.max_new_tokens` new tokens in `room` positions.
+pub(crate) fn validate_prompt(
+    mc: &OptConfig,
+    row: usize,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    room: usize,
+) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidRequest(format!(
+            "prompt {row} has no tokens (OPT prompts start with </s>)"
+        )));
+    }
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= mc.vocab_size) {
+        return Err(Error::TokenOutOfRange {
+            row,
+            id,
+            vocab_size: mc.vocab_size,
+        });
+    }
+    // The last new token is sampled, never fed back: it needs no position.
+    if prompt.len() + cfg.max_new_tokens.saturating_sub(1) > room {
+        return Err(Error::PromptTooLong {
+            row,
+            prompt_tokens: prompt.len(),
+            new_tokens: cfg.max_new_tokens,
+            max_positions: room,
+        });
+    }
+    Ok(())
+}
+
+/// Checks prompts, each against its own config, before any work.
+fn validate(
+    model: &OptModel,
+    prompts: &[Vec<u32>],
+    cfgs: &[GenerationConfig],
+    tokenizer: Option<&OptTokenizer>,
+) -> Result<()> {
+    let mc = model.config();
+    if prompts.is_empty() {
+        return Err(Error::InvalidRequest("no prompts given".into()));
+    }
+    if cfgs.len() != prompts.len() {
+        return Err(Error::InvalidRequest(format!(
+            "{} configs for {} prompts",
+            cfgs.len(),
+            prompts.len()
+        )));
+    }
+    for (row, (p, cfg)) in prompts.iter().zip(cfgs).enumerate() {
+        validate_config(cfg, tokenizer)?;
+        validate_prompt(mc, row, p, cfg, mc.max_position_embeddings)?;
     }
     Ok(())
 }
@@ -223,6 +240,130 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     best
 }
 
+/// One sequence's decoding: its seeded sampler, the new ids, their text, stop ids and stop
+/// strings, and how much text was already streamed (text that may begin a stop string is held
+/// back). Shared by [`generate_rows`] and [`crate::Session`].
+pub(crate) struct RowDecoder {
+    ids: Vec<u32>,
+    text: String,
+    emitted: usize,
+    decoder: IncrementalDecoder,
+    rng: StdRng,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    vocab_limit: usize,
+    sampling: SamplingParams,
+}
+
+impl RowDecoder {
+    /// A row with a `prompt_tokens`-token prompt following `cfg` (seeded with `cfg.seed`); it
+    /// is finished from the start when `cfg.max_new_tokens` is 0.
+    pub(crate) fn new(
+        mc: &OptConfig,
+        cfg: &GenerationConfig,
+        tokenizer: Option<&OptTokenizer>,
+        prompt_tokens: usize,
+    ) -> Self {
+        RowDecoder {
+            ids: Vec::with_capacity(cfg.max_new_tokens),
+            text: String::new(),
+            emitted: 0,
+            decoder: IncrementalDecoder::default(),
+            rng: StdRng::seed_from_u64(cfg.seed),
+            finish: (cfg.max_new_tokens == 0).then_some(FinishReason::Length),
+            prompt_tokens,
+            vocab_limit: cfg
+                .vocab_limit
+                .or(tokenizer.map(OptTokenizer::vocab_size))
+                .unwrap_or(mc.vocab_size)
+                .min(mc.vocab_size),
+            sampling: cfg.sampling(),
+        }
+    }
+
+    /// Why the row ended, `None` while it goes on.
+    pub(crate) fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Ends the row as cancelled (unless it already ended).
+    pub(crate) fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+    }
+
+    /// Samples the next token from the row's `logits`, decodes it, checks the stops, streams
+    /// the event (as row `row`) to `on_token` and applies its answer: [`Flow::StopRow`] and
+    /// [`Flow::StopAll`] end the row as cancelled. Returns the token and the callback's answer.
+    pub(crate) fn step<F: FnMut(&TokenEvent<'_>) -> Flow>(
+        &mut self,
+        row: usize,
+        logits: &[f32],
+        cfg: &GenerationConfig,
+        tokenizer: Option<&OptTokenizer>,
+        sampler: &mut Sampler,
+        on_token: &mut F,
+    ) -> Result<(u32, Flow)> {
+        let id = sampler.sample(logits, self.vocab_limit, &self.sampling, &mut self.rng);
+        self.ids.push(id);
+        if cfg.stop_token_ids.contains(&id) {
+            self.finish = Some(FinishReason::StopToken);
+        } else if let Some(tok) = tokenizer {
+            let delta = self.decoder.step(tok, id)?;
+            let search_from = self
+                .text
+                .len()
+                .saturating_sub(cfg.stop_strings.iter().map(String::len).max().unwrap_or(0));
+            self.text.push_str(&delta);
+            let from = floor_char_boundary(&self.text, search_from);
+            let hit = cfg
+                .stop_strings
+                .iter()
+                .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| p + from))
+                .min();
+            if let Some(p) = hit {
+                self.text.truncate(p);
+                self.finish = Some(FinishReason::StopString);
+            }
+        }
+        if self.finish.is_none() && self.ids.len() == cfg.max_new_tokens {
+            if let Some(tok) = tokenizer {
+                let rest = self.decoder.flush(tok)?;
+                self.text.push_str(&rest);
+            }
+            self.finish = Some(FinishReason::Length);
+        }
+        let safe = if self.finish.is_some() {
+            self.text.len()
+        } else {
+            self.text.len() - held_back(&self.text, &cfg.stop_strings)
+        };
+        let start = self.emitted.min(safe);
+        let event = TokenEvent {
+            row,
+            token_id: id,
+            index: self.ids.len() - 1,
+            text: &self.text[start..safe],
+            finished: self.finish,
+        };
+        let flow = on_token(&event);
+        self.emitted = safe.max(self.emitted);
+        if flow != Flow::Continue {
+            self.cancel();
+        }
+        Ok((id, flow))
+    }
+
+    /// The row's result; `default` when it never ended (the batch stopped first).
+    pub(crate) fn into_output(self, default: FinishReason) -> GenerationOutput {
+        GenerationOutput {
+            token_ids: self.ids,
+            text: self.text,
+            finish_reason: self.finish.unwrap_or(default),
+            prompt_tokens: self.prompt_tokens,
+        }
+    }
+}
+
 /// Generates continuations of token-id prompts (BOS included) as one left-padded batch.
 ///
 /// `on_token` sees every new token of every row as soon as it is sampled. With a tokenizer the
@@ -232,46 +373,61 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     tokenizer: Option<&OptTokenizer>,
-    mut on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
+    on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
 ) -> Result<Vec<GenerationOutput>> {
-    validate(model, prompts, cfg, tokenizer)?;
-    let mc = model.config();
-    let n = prompts.len();
-    let vocab_limit = cfg
-        .vocab_limit
-        .or(tokenizer.map(OptTokenizer::vocab_size))
-        .unwrap_or(mc.vocab_size)
-        .min(mc.vocab_size);
-    let sampling = cfg.sampling();
-    let mut rows: Vec<RowState> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| RowState {
-            ids: Vec::with_capacity(cfg.max_new_tokens),
-            text: String::new(),
-            emitted: 0,
-            decoder: IncrementalDecoder::default(),
-            rng: StdRng::seed_from_u64(cfg.seed.wrapping_add(i as u64)),
-            finish: None,
-            prompt_tokens: p.len(),
+    let cfgs: Vec<GenerationConfig> = (0..prompts.len())
+        .map(|i| GenerationConfig {
+            seed: cfg.seed.wrapping_add(i as u64),
+            ..cfg.clone()
         })
         .collect();
-    if cfg.max_new_tokens == 0 {
+    generate_rows(model, prompts, &cfgs, tokenizer, on_token)
+}
+
+/// Like [`generate`], but row `i` follows its own config `cfgs[i]` (length, sampling, stops;
+/// its sampler is seeded with `cfgs[i].seed` as given), so requests with different settings
+/// share one batch, as a server batching independent requests needs.
+pub fn generate_rows(
+    model: &OptModel,
+    prompts: &[Vec<u32>],
+    cfgs: &[GenerationConfig],
+    tokenizer: Option<&OptTokenizer>,
+    mut on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
+) -> Result<Vec<GenerationOutput>> {
+    validate(model, prompts, cfgs, tokenizer)?;
+    let mc = model.config();
+    let mut rows: Vec<RowDecoder> = prompts
+        .iter()
+        .zip(cfgs)
+        .map(|(p, cfg)| RowDecoder::new(mc, cfg, tokenizer, p.len()))
+        .collect();
+    // Rows asking for no tokens are done already and never enter the batch.
+    let mut active: Vec<usize> = (0..rows.len())
+        .filter(|&r| rows[r].finish_reason().is_none())
+        .collect();
+    if active.is_empty() {
         return Ok(finish_outputs(rows, FinishReason::Length));
     }
+    let n = active.len();
+    let max_new = active
+        .iter()
+        .map(|&r| cfgs[r].max_new_tokens)
+        .max()
+        .unwrap_or(0);
 
     // Left-pad to a common length.
-    let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let t0 = active.iter().map(|&r| prompts[r].len()).max().unwrap_or(0);
     let mut tokens = vec![PAD_TOKEN_ID; n * t0];
     let mut valid = vec![false; n * t0];
-    for (b, p) in prompts.iter().enumerate() {
+    for (b, &r) in active.iter().enumerate() {
+        let p = &prompts[r];
         let start = b * t0 + t0 - p.len();
         tokens[start..start + p.len()].copy_from_slice(p);
         valid[start..start + p.len()]
             .iter_mut()
             .for_each(|v| *v = true);
     }
-    let mut state = BatchState::new(mc, n, t0 + cfg.max_new_tokens - 1);
+    let mut state = BatchState::new(mc, n, t0 + max_new - 1);
     let mut logits = Vec::new();
     model.forward(
         &mut state,
@@ -284,85 +440,32 @@ pub fn generate(
 
     let vocab = mc.vocab_size;
     let mut sampler = Sampler::default();
-    let mut active: Vec<usize> = (0..n).collect();
     let mut next = Vec::with_capacity(n);
     let mut keep = Vec::with_capacity(n);
     let mut all_valid = Vec::with_capacity(n);
     let mut stop_all = false;
-    for step in 0..cfg.max_new_tokens {
+    for _ in 0..max_new {
         next.clear();
         keep.clear();
         for (ci, &r) in active.iter().enumerate() {
             let row = &mut rows[r];
-            let id = if stop_all {
-                row.finish = Some(FinishReason::Cancelled);
+            if stop_all {
+                row.cancel();
                 keep.push(false);
                 continue;
-            } else {
-                sampler.sample(
-                    &logits[ci * vocab..(ci + 1) * vocab],
-                    vocab_limit,
-                    &sampling,
-                    &mut row.rng,
-                )
-            };
-            row.ids.push(id);
-            if cfg.stop_token_ids.contains(&id) {
-                row.finish = Some(FinishReason::StopToken);
-            } else if let Some(tok) = tokenizer {
-                let delta = row.decoder.step(tok, id)?;
-                let search_from = row
-                    .text
-                    .len()
-                    .saturating_sub(cfg.stop_strings.iter().map(String::len).max().unwrap_or(0));
-                row.text.push_str(&delta);
-                let hit = cfg
-                    .stop_strings
-                    .iter()
-                    .filter_map(|s| {
-                        let from = floor_char_boundary(&row.text, search_from);
-                        row.text[from..].find(s.as_str()).map(|p| p + from)
-                    })
-                    .min();
-                if let Some(p) = hit {
-                    row.text.truncate(p);
-                    row.finish = Some(FinishReason::StopString);
-                }
             }
-            if row.finish.is_none() && step + 1 == cfg.max_new_tokens {
-                if let Some(tok) = tokenizer {
-                    let rest = row.decoder.flush(tok)?;
-                    row.text.push_str(&rest);
-                }
-                row.finish = Some(FinishReason::Length);
-            }
-            let safe = if row.finish.is_some() {
-                row.text.len()
-            } else {
-                row.text.len() - held_back(&row.text, &cfg.stop_strings)
-            };
-            let start = row.emitted.min(safe);
-            let event = TokenEvent {
-                row: r,
-                token_id: id,
-                index: row.ids.len() - 1,
-                text: &row.text[start..safe],
-                finished: row.finish,
-            };
-            let flow = on_token(&event);
-            row.emitted = safe.max(row.emitted);
-            match flow {
-                Flow::Continue => {}
-                Flow::StopRow => {
-                    row.finish.get_or_insert(FinishReason::Cancelled);
-                }
-                Flow::StopAll => {
-                    row.finish.get_or_insert(FinishReason::Cancelled);
-                    stop_all = true;
-                }
-            }
-            keep.push(row.finish.is_none());
-            if row.finish.is_none() {
+            let (id, flow) = row.step(
+                r,
+                &logits[ci * vocab..(ci + 1) * vocab],
+                &cfgs[r],
+                tokenizer,
+                &mut sampler,
+                &mut on_token,
+            )?;
+            stop_all |= flow == Flow::StopAll;
+            let done = row.finish_reason().is_some();
+            keep.push(!done);
+            if !done {
                 next.push(id);
             }
         }
@@ -398,13 +501,6 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-fn finish_outputs(rows: Vec<RowState>, default: FinishReason) -> Vec<GenerationOutput> {
-    rows.into_iter()
-        .map(|r| GenerationOutput {
-            token_ids: r.ids,
-            text: r.text,
-            finish_reason: r.finish.unwrap_or(default),
-            prompt_tokens: r.prompt_tokens,
-        })
-        .collect()
+fn finish_outputs(rows: Vec<RowDecoder>, default: FinishReason) -> Vec<GenerationOutput> {
+    rows.into_iter().map(|r| r.into_output(default)).collect()
 }

@@ -24,6 +24,7 @@
 //! | [`OptTokenizer`] | text <-> ids, with streaming decoding |
 //! | [`generate`], [`GenerationConfig`] | batched generation with a per-token callback |
 //! | [`Pipeline`] | model + tokenizer, text in, text out |
+//! | [`Session`], [`ChatSession`] | a KV cache kept across calls; FlexGen's chatbot on it |
 
 pub mod chat;
 pub mod checkpoint;
@@ -35,6 +36,7 @@ pub mod layers;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;
 
@@ -43,11 +45,12 @@ pub use checkpoint::Checkpoint;
 pub use config::OptConfig;
 pub use error::{Error, Result};
 pub use generation::{
-    generate, FinishReason, Flow, GenerationConfig, GenerationOutput, TokenEvent,
+    generate, generate_rows, FinishReason, Flow, GenerationConfig, GenerationOutput, TokenEvent,
 };
 pub use kv_cache::BatchState;
 pub use model::{LoadOptions, LogitsFor, OptModel};
 pub use pipeline::Pipeline;
 pub use sampling::{Sampler, SamplingParams};
+pub use session::{ChatReply, ChatSession, Session, SessionOutput};
 pub use tokenizer::{IncrementalDecoder, OptTokenizer, BOS_TOKEN_ID, PAD_TOKEN_ID};
 pub use weights::OptWeights;
