@@ -3,7 +3,12 @@
 //! ```text
 //! cargo run --release --example completion -- --model tests/fixtures/tiny-preln-f32 \
 //!     --prompt "Paris is the capital city of" --max-new-tokens 16 --json
+//! cargo run --release --example completion -- --model ~/models/opt-1.3b --few-shot
 //! ```
+//!
+//! `--few-shot` is FlexGen's completion app (`flexgen/apps/completion.py`): without a prompt it
+//! completes FlexGen's two few-shot prompts, and it samples as that app does (temperature 0.7,
+//! stop at the end of the line) unless `--temperature` / `--stop` say otherwise.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -34,9 +39,9 @@ struct Args {
     /// New tokens per prompt at most.
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    /// Sampling temperature; 0 means greedy. Default: 0, or 0.7 with --few-shot.
+    #[arg(long)]
+    temperature: Option<f32>,
     /// Sample among the k most likely tokens only.
     #[arg(long)]
     top_k: Option<usize>,
@@ -47,12 +52,33 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop a row when its text contains this string (repeatable); the text ends before it.
+    /// Default: none, or the end of the line with --few-shot.
     #[arg(long)]
     stop: Vec<String>,
+    /// FlexGen's completion app: its two few-shot prompts when no prompt is given, sampled at
+    /// temperature 0.7 and stopped at the end of the line (unless the flags say otherwise).
+    #[arg(long)]
+    few_shot: bool,
     /// Print one JSON object per prompt, in input order: {"prompt", "token_ids", "text"}.
     #[arg(long)]
     json: bool,
 }
+
+/// The two few-shot prompts of FlexGen's completion app (`flexgen/apps/completion.py`).
+const FEW_SHOT_PROMPTS: [&str; 2] = [
+    "Question: Where were the 2004 Olympics held?\n\
+     Answer: Athens, Greece\n\
+     Question: What is the longest river on the earth?\n\
+     Answer:",
+    "Extract the airport codes from this text.\n\
+     Text: \"I want a flight from New York to San Francisco.\"\n\
+     Airport codes: JFK, SFO.\n\
+     Text: \"I want you to book a flight from Phoenix to Las Vegas.\"\n\
+     Airport codes:",
+];
+
+/// FlexGen's completion app samples at this temperature.
+const FEW_SHOT_TEMPERATURE: f32 = 0.7;
 
 /// One `--json` output line.
 #[derive(serde::Serialize)]
@@ -71,9 +97,25 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot read prompts file {}", file.display()))?;
         prompts.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_string));
     }
-    if prompts.is_empty() {
-        bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE");
+    if prompts.is_empty() && args.few_shot {
+        prompts.extend(FEW_SHOT_PROMPTS.iter().map(|p| p.to_string()));
     }
+    if prompts.is_empty() {
+        bail!(
+            "no prompt given: use --prompt TEXT (repeatable), --prompts-file FILE, or --few-shot \
+             for FlexGen's two few-shot prompts"
+        );
+    }
+    let (default_temperature, default_stop) = if args.few_shot {
+        (FEW_SHOT_TEMPERATURE, vec!["\n".to_string()])
+    } else {
+        (0.0, Vec::new())
+    };
+    let stop_strings = if args.stop.is_empty() {
+        default_stop
+    } else {
+        args.stop.clone()
+    };
     let (tok_dir, fallback) = resolve_tokenizer_dir(&args.model, args.tokenizer.as_deref());
     if fallback {
         eprintln!(
@@ -87,11 +129,11 @@ fn main() -> Result<()> {
     let pipe = Pipeline::new(model, tokenizer);
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
+        temperature: args.temperature.unwrap_or(default_temperature),
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
-        stop_strings: args.stop.clone(),
+        stop_strings,
         ..GenerationConfig::default()
     };
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
