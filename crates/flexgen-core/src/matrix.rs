@@ -99,6 +99,12 @@ impl Matrix {
         &self.storage
     }
 
+    /// Takes the storage back, e.g. to refill a reused buffer and wrap it again with
+    /// [`Matrix::new`].
+    pub fn into_storage(self) -> Storage {
+        self.storage
+    }
+
     /// Size of the elements in bytes.
     pub fn nbytes(&self) -> usize {
         self.rows * self.cols * self.dtype().size_in_bytes()
