@@ -2,6 +2,8 @@
 //! re-creation of FlexGen. This crate re-exports the workspace's crates:
 //!
 //! - [`core`] (`flexgen-core`): dtypes, weight matrices and the CPU kernels.
+//! - [`quant`] (`flexgen-quant`): group-wise 4/8-bit compression of weights and KV cache, with
+//!   kernels that compute from the packed form.
 //! - [`opt`] (`flexgen-opt`): OPT config, loading, generation and tokenizer.
 //!
 //! ```no_run
@@ -17,6 +19,7 @@
 
 pub use flexgen_core as core;
 pub use flexgen_opt as opt;
+pub use flexgen_quant as quant;
 
 /// Helpers shared by the example binaries (model and tokenizer lookup, output files).
 pub mod cli;

@@ -1,0 +1,590 @@
+//! `y = x · Wᵀ + b` with a packed weight, computed from the codes.
+//!
+//! - Fused path (`m <= FUSED_MAX_M`, `group_dim = 1`, 4-bit groups of a multiple of 32 or
+//!   8-bit groups of a multiple of 16): the SIMD kernels of [`crate::simd`] read each row's
+//!   codes once per block of `x` rows and never materialise the dequantized matrix; rayon splits
+//!   the output rows.
+//! - Panel path (larger `m`, or other layouts): panels of rows are dequantized into a reused
+//!   `f32` scratch (a few MiB, never the whole matrix) and multiplied with the `gemm` crate,
+//!   FlexGen's "decompress then compute" applied per panel.
+
+use std::cell::RefCell;
+
+use flexgen_core::{simd_level, SimdLevel};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::codec;
+use crate::error::{check_len, checked_product, Error, Result};
+use crate::simd::{dispatch, ensure_available, QKern, Rows};
+use crate::tensor::QuantizedTensor;
+
+const OP: &str = "linear_packed";
+
+/// Largest `m` (rows of `x`) served by the fused kernels; above it, dequantized panels + `gemm`.
+pub const FUSED_MAX_M: usize = 64;
+
+/// Weight values dequantized per panel on the panel path (4 MiB of `f32`).
+const PANEL_ELEMS: usize = 1 << 20;
+
+/// Which algorithm [`linear_packed_path`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedPath {
+    /// SIMD kernels reading the codes directly (falls back to the panel path for layouts
+    /// without a fused kernel).
+    Fused,
+    /// Dequantize panels of rows to `f32`, then `gemm`.
+    Panels,
+}
+
+/// `out[m, n] = x[m, k] · Wᵀ + bias` for a packed `(n, k)` weight `w` (rank 2).
+///
+/// Equal to dequantizing `w` and running a dense linear layer, up to float summation order.
+/// Errors: [`Error::ShapeMismatch`] when a length disagrees or `w` is not rank 2.
+///
+/// ```
+/// use flexgen_quant::{linear_packed, CompressionConfig, QuantizedTensor};
+///
+/// let w: Vec<f32> = (0..8 * 64).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+/// let q = QuantizedTensor::compress(&w, &[8, 64], CompressionConfig::WEIGHT_4BIT)?;
+/// let x = vec![0.5f32; 64];
+/// let mut y = vec![0.0; 8];
+/// linear_packed(&x, 1, &q, None, &mut y)?;
+/// let dense = q.decompress();
+/// let want: f32 = dense[..64].iter().map(|v| v * 0.5).sum();
+/// assert!((y[0] - want).abs() < 1e-4);
+/// # Ok::<(), flexgen_quant::Error>(())
+/// ```
+pub fn linear_packed(
+    x: &[f32],
+    m: usize,
+    w: &QuantizedTensor,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    linear_packed_with_level(simd_level(), x, m, w, bias, out)
+}
+
+/// [`linear_packed`] at an explicit SIMD level (an error if the CPU lacks it).
+pub fn linear_packed_with_level(
+    level: SimdLevel,
+    x: &[f32],
+    m: usize,
+    w: &QuantizedTensor,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let path = if m <= FUSED_MAX_M {
+        PackedPath::Fused
+    } else {
+        PackedPath::Panels
+    };
+    linear_packed_path(level, path, x, m, w, bias, out)
+}
+
+/// [`linear_packed`] with an explicit level and algorithm (benchmarks and tests).
+pub fn linear_packed_path(
+    level: SimdLevel,
+    path: PackedPath,
+    x: &[f32],
+    m: usize,
+    w: &QuantizedTensor,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    ensure_available(OP, level)?;
+    let (n, k) = check_args(x, m, w, bias, out)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for row in out.chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        return Ok(());
+    }
+    let rows = row_view(w);
+    match rows {
+        Some(r) if path == PackedPath::Fused && r.fused() => fused(level, r, x, m, bias, out),
+        _ => panels(level, w, x, m, bias, out),
+    }
+    Ok(())
+}
+
+/// Validates shapes; returns `(n, k)`.
+fn check_args(
+    x: &[f32],
+    m: usize,
+    w: &QuantizedTensor,
+    bias: Option<&[f32]>,
+    out: &[f32],
+) -> Result<(usize, usize)> {
+    let &[n, k] = w.shape() else {
+        return Err(Error::shape(
+            OP,
+            "a rank-2 (out_features, in_features) weight",
+            format!("shape {:?}", w.shape()),
+        ));
+    };
+    check_len(
+        OP,
+        "x (m * in_features)",
+        x.len(),
+        checked_product(OP, &[m, k])?,
+    )?;
+    check_len(
+        OP,
+        "out (m * out_features)",
+        out.len(),
+        checked_product(OP, &[m, n])?,
+    )?;
+    if let Some(b) = bias {
+        check_len(OP, "bias (out_features)", b.len(), n)?;
+    }
+    Ok((n, k))
+}
+
+/// The rows of a rank-2 tensor grouped along its columns (`group_dim = 1`), else `None`.
+pub(crate) fn row_view(w: &QuantizedTensor) -> Option<Rows<'_>> {
+    let &[n, k] = w.shape() else { return None };
+    let c = w.config();
+    if c.group_dim != 1 {
+        return None;
+    }
+    let gpl = w.groups_per_line();
+    Some(Rows {
+        codes: w.codes(),
+        params: w.params(),
+        rows: n,
+        cols: k,
+        code_stride: gpl * c.group_bytes(),
+        param_stride: 2 * gpl,
+        bits: c.num_bits,
+        gs: c.group_size,
+    })
+}
+
+/// Fused path: shapes valid, `m, n, k > 0`.
+fn fused(
+    level: SimdLevel,
+    w: Rows<'_>,
+    x: &[f32],
+    m: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.rows, w.cols);
+    // The kernels write out transposed (`n x m`) so each task owns a contiguous block.
+    let mut tmp = Vec::new();
+    let out_t: &mut [f32] = if m == 1 {
+        out
+    } else {
+        tmp.resize(m * n, 0.0);
+        &mut tmp
+    };
+    let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
+        let r0 = c * chunk_rows;
+        let rows = ot.len() / m;
+        // SAFETY: `level` was checked with `ensure_available`.
+        dispatch!(level, K => unsafe { K::gemv(w.sub(r0, rows), x, m, ot) });
+        if let Some(b) = bias {
+            for (row, &bj) in ot.chunks_exact_mut(m).zip(&b[r0..r0 + rows]) {
+                for v in row {
+                    *v += bj;
+                }
+            }
+        }
+    };
+    if n * k * m < 1 << 16 {
+        task((0, out_t), n);
+    } else {
+        let threads = rayon::current_num_threads().max(1);
+        let chunk_rows = n
+            .div_ceil(threads * 4)
+            .max((1 << 14) / k)
+            .next_multiple_of(8)
+            .min(n);
+        out_t
+            .par_chunks_mut(chunk_rows * m)
+            .enumerate()
+            .for_each(|c| task(c, chunk_rows));
+    }
+    if m > 1 {
+        for (j, col) in tmp.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + j] = v;
+            }
+        }
+    }
+}
+
+/// Dequantizes rows `r0 .. r0 + out.len() / k` of a rank-2 `w` into `out` (row-major), in
+/// parallel, for any `group_dim`.
+pub(crate) fn dequant_rows(level: SimdLevel, w: &QuantizedTensor, r0: usize, out: &mut [f32]) {
+    let k = w.shape()[1];
+    if k == 0 {
+        return;
+    }
+    let per = ((1 << 15) / k).max(1) * k;
+    if let Some(rows) = row_view(w) {
+        out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
+            let first = r0 + c * (per / k);
+            // SAFETY: `level` was checked with `ensure_available` by every caller.
+            dispatch!(level, K => unsafe { K::dequant(rows.sub(first, o.len() / k), o) });
+        });
+        return;
+    }
+    // group_dim == 0: lines are columns; decode the groups that cover the requested rows.
+    let c = *w.config();
+    let (gs, gb, gpl) = (c.group_size, c.group_bytes(), w.groups_per_line());
+    let n_rows = out.len() / k;
+    let mut buf = vec![0f32; gs];
+    for j in 0..k {
+        let mut r = r0;
+        while r < r0 + n_rows {
+            let g = r / gs;
+            let gi = j * gpl + g;
+            let len = gs.min(w.shape()[0] - g * gs);
+            codec::decode_group(
+                &w.codes()[gi * gb..(gi + 1) * gb],
+                c.num_bits,
+                w.group_params(gi),
+                &mut buf[..len],
+            );
+            let end = ((g + 1) * gs).min(r0 + n_rows);
+            for rr in r..end {
+                out[(rr - r0) * k + j] = buf[rr - g * gs];
+            }
+            r = end;
+        }
+    }
+}
+
+/// Panel path: shapes valid, `m, n, k > 0`.
+fn panels(
+    level: SimdLevel,
+    w: &QuantizedTensor,
+    x: &[f32],
+    m: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    if let Some(b) = bias {
+        for row in out.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+    }
+    let panel_rows = (PANEL_ELEMS / k).clamp(16, n.max(16)).min(n);
+    with_scratch(panel_rows * k, |scratch| {
+        let mut j0 = 0;
+        while j0 < n {
+            let p = panel_rows.min(n - j0);
+            let dst = &mut scratch[..p * k];
+            dequant_rows(level, w, j0, dst);
+            // SAFETY: `dst` holds rows `j0..j0 + p` of `W` (`p x k`); `out[.., j0..j0 + p]`
+            // with row stride `n` lies inside the `m x n` output; no aliasing.
+            unsafe { gemm_xwt(m, p, k, x, dst, &mut out[j0..], n, bias.is_some()) };
+            j0 += p;
+        }
+    });
+}
+
+/// `out[i * out_rs + j] (+)= sum_l x[i * k + l] * w[j * k + l]` for `i < m`, `j < n`.
+///
+/// # Safety
+/// `x.len() >= m * k`, `w.len() >= n * k`, `out.len() >= (m - 1) * out_rs + n`,
+/// `out_rs >= n`, `m, n, k > 0`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_xwt(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k);
+    assert!(out_rs >= n && out.len() >= (m - 1) * out_rs + n);
+    // SAFETY: every accessed element is in bounds (asserted above): dst (i, j) at
+    // `i * out_rs + j`, lhs (i, l) at `i * k + l`, rhs (l, j) = W[j, l] at `j * k + l`.
+    // With `read_dst == false` gemm ignores the destination's old contents.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_rs as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        )
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for dequantized weight panels, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch slice of `len` floats (fresh if this thread's is in use).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// Scalar reference for [`linear_packed`]: dequantize the whole weight with the reference
+/// decoder, then accumulate in `f64`. Same arguments and errors.
+pub fn linear_packed_ref(
+    x: &[f32],
+    m: usize,
+    w: &QuantizedTensor,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let (n, k) = check_args(x, m, w, bias, out)?;
+    let wf = w.decompress();
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = bias.map_or(0.0, |b| f64::from(b[j]));
+            for l in 0..k {
+                s += f64::from(x[i * k + l]) * f64::from(wf[j * k + l]);
+            }
+            out[i * n + j] = s as f32;
+        }
+    }
+    Ok(())
+}
+
+/// Gathers rows `ids` of a packed `(vocab, dim)` table (an embedding) into `out`
+/// (`ids.len() * dim`), dequantized.
+///
+/// Errors: [`Error::ShapeMismatch`] for a wrong `out` length or a tensor that is not rank 2,
+/// [`Error::InvalidArgument`] for an id `>= vocab`.
+pub fn embedding_packed(w: &QuantizedTensor, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    const OP: &str = "embedding_packed";
+    let &[vocab, dim] = w.shape() else {
+        return Err(Error::shape(
+            OP,
+            "a rank-2 (vocab, dim) table",
+            format!("shape {:?}", w.shape()),
+        ));
+    };
+    check_len(
+        OP,
+        "out (ids * dim)",
+        out.len(),
+        checked_product(OP, &[ids.len(), dim])?,
+    )?;
+    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err(Error::invalid(
+            OP,
+            format!("id {id} at index {i} is not below the table's {vocab} rows"),
+        ));
+    }
+    if dim == 0 {
+        return Ok(());
+    }
+    let level = simd_level();
+    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim)) {
+        dequant_rows(level, w, id as usize, row);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CompressionConfig;
+    use flexgen_core::simd::available_levels;
+    use proptest::prelude::*;
+
+    /// `|got - want| <= tol` with `tol` from the magnitudes summed (float rounding only).
+    fn assert_close(got: &[f32], want: &[f32], scale: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, ((&a, &b), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            let tol = 1e-5 * s.max(1.0);
+            assert!(
+                (a - b).abs() <= tol,
+                "{what}: index {i}: got {a}, want {b} (tol {tol})"
+            );
+        }
+    }
+
+    /// Σ |x| |w| per output: bounds the summation rounding.
+    fn magnitudes(x: &[f32], m: usize, w: &QuantizedTensor, bias: Option<&[f32]>) -> Vec<f32> {
+        let (n, k) = (w.shape()[0], w.shape()[1]);
+        let wf = w.decompress();
+        let mut s = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                s[i * n + j] = bias.map_or(0.0, |b| b[j].abs())
+                    + (0..k)
+                        .map(|l| (x[i * k + l] * wf[j * k + l]).abs())
+                        .sum::<f32>();
+            }
+        }
+        s
+    }
+
+    fn check_all(x: &[f32], m: usize, w: &QuantizedTensor, bias: Option<&[f32]>) {
+        let n = w.shape()[0];
+        let mut want = vec![0.0; m * n];
+        linear_packed_ref(x, m, w, bias, &mut want).unwrap();
+        let scale = magnitudes(x, m, w, bias);
+        let mut got = vec![f32::NAN; m * n];
+        linear_packed(x, m, w, bias, &mut got).unwrap();
+        assert_close(&got, &want, &scale, "default");
+        for level in available_levels() {
+            for path in [PackedPath::Fused, PackedPath::Panels] {
+                let mut got = vec![f32::NAN; m * n];
+                linear_packed_path(level, path, x, m, w, bias, &mut got).unwrap();
+                assert_close(
+                    &got,
+                    &want,
+                    &scale,
+                    &format!("{level} {path:?} {}", w.config()),
+                );
+            }
+        }
+    }
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + seed) * 7919 % 1000) as f32) * 2e-3 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn errors() {
+        let w =
+            QuantizedTensor::compress(&[0.5; 6], &[3, 2], CompressionConfig::WEIGHT_4BIT).unwrap();
+        let mut out = [0.0; 6];
+        assert!(matches!(
+            linear_packed(&[0.0; 3], 2, &w, None, &mut out),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            linear_packed(&[0.0; 4], 2, &w, None, &mut out[..5]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            linear_packed(&[0.0; 4], 2, &w, Some(&[0.0; 2]), &mut out),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        let w3 = QuantizedTensor::compress(&[0.5; 6], &[1, 3, 2], CompressionConfig::WEIGHT_4BIT)
+            .unwrap();
+        let e = linear_packed(&[0.0; 2], 1, &w3, None, &mut [0.0; 3]).unwrap_err();
+        assert!(e.to_string().contains("rank-2"), "{e}");
+        assert!(linear_packed(&[], 0, &w, None, &mut []).is_ok());
+        linear_packed(&[1.0, 2.0], 1, &w, Some(&[1.0, 2.0, 3.0]), &mut out[..3]).unwrap();
+        assert_eq!(out[..3], [2.5, 3.5, 4.5]);
+        let w0 = QuantizedTensor::compress(&[], &[3, 0], CompressionConfig::WEIGHT_4BIT).unwrap();
+        let mut out = [9.0; 6];
+        linear_packed(&[], 2, &w0, Some(&[1.0, 2.0, 3.0]), &mut out).unwrap();
+        assert_eq!(out, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+        let mut e = [0.0; 2];
+        assert!(matches!(
+            embedding_packed(&w, &[3], &mut e),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            embedding_packed(&w, &[0], &mut e[..1]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
+
+    /// Shapes large enough for the parallel split, several panels and x blocks, ragged tails.
+    #[test]
+    fn large_shapes_all_paths_and_formats() {
+        for cfg in [
+            CompressionConfig::WEIGHT_4BIT,
+            CompressionConfig::WEIGHT_8BIT,
+            CompressionConfig {
+                group_size: 32,
+                symmetric: true,
+                ..CompressionConfig::WEIGHT_4BIT
+            },
+            CompressionConfig {
+                group_size: 48,
+                ..CompressionConfig::WEIGHT_4BIT
+            },
+            CompressionConfig::FLEXGEN_WEIGHT,
+        ] {
+            let (n, k) = (300, 1000);
+            let w = QuantizedTensor::compress(&data(n * k, 3), &[n, k], cfg).unwrap();
+            let bias = data(n, 5);
+            for m in [1, 5, 70] {
+                check_all(&data(m * k, 11), m, &w, Some(&bias));
+            }
+        }
+    }
+
+    #[test]
+    fn embedding_rows_match_decompress() {
+        for cfg in [
+            CompressionConfig::WEIGHT_4BIT,
+            CompressionConfig::FLEXGEN_WEIGHT,
+            CompressionConfig::WEIGHT_8BIT,
+        ] {
+            let (v, d) = (130, 100);
+            let w = QuantizedTensor::compress(&data(v * d, 1), &[v, d], cfg).unwrap();
+            let full = w.decompress();
+            let ids = [0u32, 129, 64, 7, 7];
+            let mut out = vec![0.0; ids.len() * d];
+            embedding_packed(&w, &ids, &mut out).unwrap();
+            for (row, &id) in out.chunks_exact(d).zip(&ids) {
+                assert_eq!(row, &full[id as usize * d..(id as usize + 1) * d], "{cfg}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn fused_matches_dequantize_then_linear(
+            (m, n, k, x, wd, b) in (1usize..10, 1usize..20, 1usize..200).prop_flat_map(|(m, n, k)| {
+                (Just(m), Just(n), Just(k),
+                 proptest::collection::vec(-2.0f32..2.0, m * k),
+                 proptest::collection::vec(-1.0f32..1.0, n * k),
+                 proptest::collection::vec(-1.0f32..1.0, n))
+            }),
+            fmt in 0usize..5,
+            with_bias in any::<bool>(),
+        ) {
+            let cfg = [
+                CompressionConfig::WEIGHT_4BIT,
+                CompressionConfig::WEIGHT_8BIT,
+                CompressionConfig { group_size: 32, ..CompressionConfig::WEIGHT_4BIT },
+                CompressionConfig { group_size: 16, symmetric: true, ..CompressionConfig::WEIGHT_8BIT },
+                CompressionConfig { num_bits: 2, group_size: 12, ..CompressionConfig::WEIGHT_4BIT },
+            ][fmt];
+            let w = QuantizedTensor::compress(&wd, &[n, k], cfg).unwrap();
+            check_all(&x, m, &w, with_bias.then_some(&b[..]));
+        }
+    }
+}
