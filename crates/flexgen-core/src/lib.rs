@@ -9,10 +9,10 @@
 //! | item | purpose |
 //! |------|---------|
 //! | [`Matrix`], [`Storage`], [`DType`] | row-major weights in `f32`/`f16`/`bf16` |
-//! | [`kernels::linear`] | `y = x · Wᵀ + b` (GEMV for small batches, `gemm` for large) |
-//! | [`kernels::layer_norm`], [`kernels::relu_inplace`] | normalisation and activation |
-//! | [`kernels::masked_softmax`], [`kernels::attention`] | masked softmax and multi-head attention over a KV cache |
-//! | [`kernels::embedding`], [`kernels::argmax`] | token embedding gather and greedy pick |
+//! | [`kernels::linear()`] | `y = x · Wᵀ + b` (GEMV-style kernel for small and medium batches, `gemm` for large) |
+//! | [`kernels::layer_norm()`], [`kernels::relu_inplace`] | normalisation and activation |
+//! | [`kernels::masked_softmax`], [`kernels::attention()`] | masked softmax and multi-head attention over a KV cache |
+//! | [`kernels::embedding()`], [`kernels::argmax`] | token embedding gather and greedy pick |
 //! | [`SimdLevel`], [`simd_level`] | run-time SIMD selection |
 //!
 //! # Example

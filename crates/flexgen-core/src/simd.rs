@@ -7,7 +7,7 @@
 //! `*_with_level` variant that takes the level explicitly, which tests use to compare each
 //! available level against the scalar reference.
 //!
-//! The `gemm` crate, used by [`linear`](crate::kernels::linear) for larger batches, performs
+//! The `gemm` crate, used by [`linear`](crate::kernels::linear()) for larger batches, performs
 //! its own run-time dispatch and is not affected by the level.
 
 use std::sync::OnceLock;
@@ -182,10 +182,12 @@ pub(crate) trait Kern {
     unsafe fn gemv_bf16(w: &[half::bf16], k: usize, x: &[f32], m: usize, out_t: &mut [f32]);
 }
 
-/// Expands `$body` with `$K` bound to the [`Kern`] implementation for `$level`.
+/// Expands `$body` once per level with `$K` bound to that level's [`Kern`] implementation,
+/// and runs the arm matching `$level`.
 ///
-/// The body is executed inside an `unsafe` context per arm; callers must have checked
-/// (with [`ensure_available`]) that `$level` is supported.
+/// The body calls `$K`'s `unsafe` methods inside its own `unsafe` block; its `SAFETY`
+/// comment must say why `$level` is supported (it is [`simd_level()`] or was checked with
+/// [`ensure_available`]).
 macro_rules! dispatch {
     ($level:expr, $K:ident => $body:expr) => {{
         match $level {

@@ -364,7 +364,7 @@ unsafe fn gemv_tile<T: Load8, const R: usize, const M: usize>(
 }
 
 /// Rows of `w` handled together when `m == 1`.
-const ROWS_M1: usize = 4;
+const ROWS_M1: usize = 8;
 /// Rows of `w` handled together when `m > 1`.
 const ROWS: usize = 4;
 /// `f32` elements of `x` per block of rows (512 KiB, about a quarter of L2).

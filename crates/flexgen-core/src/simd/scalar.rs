@@ -141,7 +141,8 @@ pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
 pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
     /// Converts a slice to `f32` (lengths must match).
     fn convert_slice(src: &[Self], dst: &mut [f32]);
-    /// Converts one element.
+    /// Converts one element (used for the AVX2 kernels' tails).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn to_f32(self) -> f32;
     /// The slice itself when `Self` is `f32` (no conversion needed).
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
