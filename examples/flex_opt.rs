@@ -165,7 +165,11 @@ fn main() -> Result<()> {
             args.percent
         );
     }
-    if args.prompt_len == 0 || args.gen_len == 0 || args.gpu_batch_size == 0 || args.num_gpu_batches == 0 {
+    if args.prompt_len == 0
+        || args.gen_len == 0
+        || args.gpu_batch_size == 0
+        || args.num_gpu_batches == 0
+    {
         bail!("--prompt-len, --gen-len, --gpu-batch-size and --num-gpu-batches must be positive");
     }
     let dtype = args
