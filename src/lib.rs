@@ -23,3 +23,6 @@ pub use flexgen_quant as quant;
 
 /// Helpers shared by the example binaries (model and tokenizer lookup, output files).
 pub mod cli;
+
+/// OpenAI-compatible request parsing, replies, errors and metrics for the `serve` example.
+pub mod serve;

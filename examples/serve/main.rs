@@ -1,0 +1,178 @@
+//! An OpenAI-compatible HTTP server with a chat page, backed by batched generation.
+//!
+//! ```text
+//! cargo run --release --example serve -- --model ~/models/opt-1.3b --port 8000
+//! cargo run --release --example serve -- --dummy facebook/opt-1.3b   # random weights (benchmarks)
+//! ```
+//!
+//! Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` for
+//! server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text) and
+//! `GET /` (a chat page). Requests that arrive while a batch runs wait in a queue and run
+//! together in the next batch (up to `--max-batch` rows), each row with its own settings.
+
+mod engine;
+mod routes;
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use flexgen::cli::{bundled_tokenizer_dir, resolve_tokenizer_dir};
+use flexgen::core::DType;
+use flexgen_opt::{LoadOptions, OptConfig, OptModel, OptTokenizer};
+
+use flexgen::serve::Metrics;
+
+use crate::engine::{Engine, EngineOptions};
+use crate::routes::AppState;
+
+/// Serve an OPT model over OpenAI's HTTP API, with a chat page at `/`.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Model folder (config.json plus safetensors weights).
+    #[arg(long, conflicts_with = "dummy", required_unless_present = "dummy")]
+    model: Option<PathBuf>,
+    /// Serve dummy (random) weights of a model-zoo name instead, e.g. facebook/opt-1.3b:
+    /// meaningless text, real speed.
+    #[arg(long, value_name = "NAME")]
+    dummy: Option<String>,
+    /// Weight dtype: f32, f16 or bf16 (default: the checkpoint's; f16 for --dummy).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Seed of the dummy weights.
+    #[arg(long, default_value_t = 0)]
+    dummy_seed: u64,
+    /// Tokenizer folder. Default: the model folder, else $FLEXGEN_TOKENIZER, else the
+    /// repository's ../shared/data/opt-tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The model id clients pass as `model` (default: the folder name or the --dummy name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* requests.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Rows (requests' choices) per batch at most.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// How long an idle engine waits for more requests to join the first one (ms).
+    #[arg(long, default_value_t = 5)]
+    batch_window_ms: u64,
+    /// Rows allowed to wait in the queue; more get 429.
+    #[arg(long, default_value_t = 1024)]
+    max_queue: usize,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+}
+
+fn load(args: &Args) -> Result<(OptModel, String, PathBuf)> {
+    let dtype: Option<DType> = args
+        .dtype
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("bad --dtype")?;
+    if let Some(name) = &args.dummy {
+        let cfg = OptConfig::from_name(name)?;
+        eprintln!("generating dummy weights for {name} ...");
+        let model = OptModel::dummy(cfg, dtype.unwrap_or(DType::F16), args.dummy_seed)?;
+        return Ok((model, name.clone(), bundled_tokenizer_dir()));
+    }
+    let Some(dir) = &args.model else {
+        bail!("give --model DIR or --dummy NAME");
+    };
+    let model = OptModel::load(dir, &LoadOptions { dtype })
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string());
+    Ok((model, name, dir.clone()))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.max_batch == 0 || args.max_queue == 0 {
+        bail!("--max-batch and --max-queue must be at least 1");
+    }
+    let (model, name, model_dir) = load(&args)?;
+    let (tok_dir, fallback) = resolve_tokenizer_dir(&model_dir, args.tokenizer.as_deref());
+    if fallback {
+        eprintln!(
+            "note: {} has no tokenizer; using {}",
+            model_dir.display(),
+            tok_dir.display()
+        );
+    }
+    let tokenizer = Arc::new(OptTokenizer::from_dir(&tok_dir)?);
+    let mc = model.config().clone();
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(
+        model,
+        tokenizer.clone(),
+        EngineOptions {
+            max_batch: args.max_batch,
+            batch_window: Duration::from_millis(args.batch_window_ms),
+            max_queue: args.max_queue,
+        },
+        metrics.clone(),
+    )
+    .context("cannot start the engine thread")?;
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer,
+        model_id: args.served_model_name.clone().unwrap_or(name),
+        max_positions: mc.max_position_embeddings,
+        vocab_size: mc.vocab_size,
+        api_key: args.api_key.clone(),
+        max_body_bytes: args.max_body_bytes,
+        metrics,
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    if !args.host.is_loopback() && args.api_key.is_none() {
+        eprintln!(
+            "warning: listening on {} without --api-key: anyone who can reach it can use it",
+            args.host
+        );
+    }
+    // Generation runs on the engine thread; the HTTP side needs little.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let addr = SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        println!(
+            "serving {} on http://{local} (chat page: http://{local}/)",
+            state.model_id
+        );
+        std::io::stdout().flush()?;
+        axum::serve(listener, routes::router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("server failed")
+    })
+}
