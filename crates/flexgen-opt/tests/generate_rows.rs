@@ -75,7 +75,7 @@ fn per_row_stops_zero_length_rows_and_mismatched_configs() {
     // What the row says without a stop string, then stop at its second character.
     let free = generate(
         &model,
-        &[p.clone()],
+        std::slice::from_ref(&p),
         &GenerationConfig::greedy(12),
         Some(&tok),
         |_| Flow::Continue,
