@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use flexgen_core::{Matrix, Storage};
+use flexgen_core::{DType, Matrix, Storage};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -30,6 +30,21 @@ pub struct RawTensor<'a> {
     pub shape: Vec<usize>,
     /// Little-endian bytes of the tensor.
     pub data: &'a [u8],
+}
+
+/// Where a tensor's bytes sit on disk (see [`Checkpoint::locate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorLocation {
+    /// The shard file.
+    pub path: PathBuf,
+    /// Byte offset of the tensor in the file.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+    /// Stored dtype.
+    pub dtype: DType,
+    /// Stored shape.
+    pub shape: Vec<usize>,
 }
 
 /// Where one tensor lives: its shard, dtype, shape and byte range in the mapping.
@@ -138,6 +153,29 @@ impl Checkpoint {
             dtype: entry.dtype,
             shape: entry.shape.clone(),
             data: &shard.mmap[entry.range.clone()],
+        })
+    }
+
+    /// Where tensor `name`'s bytes sit in its file (for reading it in place with positioned
+    /// I/O instead of through the mapping), and its dtype (f32, f16 or bf16) and shape.
+    pub fn locate(&self, name: &str) -> Result<TensorLocation> {
+        let raw = self.raw(name)?;
+        let (_, entry) = self.resolve(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            location: self.folder.display().to_string(),
+        })?;
+        let dtype = match raw.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            _ => return Err(raw.unsupported()),
+        };
+        Ok(TensorLocation {
+            path: raw.path.to_path_buf(),
+            offset: entry.range.start as u64,
+            len: entry.range.len() as u64,
+            dtype,
+            shape: raw.shape,
         })
     }
 

@@ -116,6 +116,9 @@ pub enum Error {
     /// A kernel rejected its inputs.
     #[error(transparent)]
     Core(#[from] flexgen_core::Error),
+    /// The offloading runtime (policy, budgets, disk tier) failed.
+    #[error(transparent)]
+    Offload(#[from] flexgen_offload::Error),
 }
 
 /// Result alias of this crate.

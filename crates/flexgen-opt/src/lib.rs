@@ -24,6 +24,7 @@
 //! | [`OptTokenizer`] | text <-> ids, with streaming decoding |
 //! | [`generate`], [`GenerationConfig`] | batched generation with a per-token callback |
 //! | [`Pipeline`] | model + tokenizer, text in, text out |
+//! | [`OffloadedOpt`] | the model under an offloading [`flexgen_offload::Policy`] (weights and cache on disk) |
 //! | [`Session`], [`ChatSession`] | a KV cache kept across calls; FlexGen's chatbot on it |
 
 pub mod chat;
@@ -34,6 +35,7 @@ pub mod generation;
 pub mod kv_cache;
 pub mod layers;
 pub mod model;
+pub mod offloaded;
 pub mod pipeline;
 pub mod sampling;
 pub mod session;
@@ -49,6 +51,7 @@ pub use generation::{
 };
 pub use kv_cache::BatchState;
 pub use model::{LoadOptions, LogitsFor, OptModel};
+pub use offloaded::OffloadedOpt;
 pub use pipeline::Pipeline;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{ChatReply, ChatSession, Session, SessionOutput};

@@ -1,0 +1,934 @@
+//! OPT on the offloading runtime ([`flexgen_offload`]): the model as a list of layers that
+//! declare their weights and KV cache, running FlexGen's block schedule under a [`Policy`], so
+//! a model larger than RAM runs with weights (and cache) on disk.
+//!
+//! Layers, as in FlexGen: input embedding, then per decoder layer either attention and MLP as
+//! two layers (`sep_layer`) or one layer (whose attention and MLP weights are still placed
+//! separately), then the output head. Each layer's forward is the same function
+//! [`OptModel::forward`](crate::OptModel::forward) runs ([`crate::layers`]), so for a policy
+//! that changes no numerics (no compression or sparsity beyond what the in-memory model
+//! uses) the tokens are the in-memory model's.
+//!
+//! ```no_run
+//! use flexgen_opt::offloaded::OffloadedOpt;
+//! use flexgen_opt::{GenerationConfig, OptTokenizer};
+//! use flexgen_offload::Policy;
+//!
+//! # fn main() -> flexgen_opt::Result<()> {
+//! // Weights on disk (read per token), KV cache and activations in memory.
+//! let policy = Policy::default().with_percent([0.0, 0.0, 100.0, 0.0, 100.0, 0.0]);
+//! let model = OffloadedOpt::from_pretrained("path/to/opt-6.7b", &policy)?;
+//! let tok = OptTokenizer::from_dir("path/to/opt-6.7b")?;
+//! let prompts = vec![tok.encode("Paris is the capital city of")?];
+//! let outs = model.generate(&prompts, &GenerationConfig::greedy(16), Some(&tok), |_| {
+//!     flexgen_opt::Flow::Continue
+//! })?;
+//! println!("{}", outs[0].text);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use flexgen_core::DType;
+use flexgen_offload::{
+    BlockModel, BlockStats, CacheSpec, CacheView, DynError, Elem, FileLocation, LayerSpec,
+    OffloadOptions, PlaneSpec, Policy, Runtime, Step, Tensor, TensorKind, WeightSource, WeightSpec,
+};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::OptConfig;
+use crate::error::{Error, Result};
+use crate::generation::{validate_config, validate_prompt, RowDecoder};
+use crate::generation::{FinishReason, Flow, GenerationConfig, GenerationOutput, TokenEvent};
+use crate::layers::{
+    self, AttentionParams, InputParams, KvSlot, LayerScratch, MlpParams, OutputParams,
+};
+use crate::sampling::Sampler;
+use crate::tokenizer::{OptTokenizer, PAD_TOKEN_ID};
+use crate::weight::Weight;
+use crate::weights::{DummySource, LayerNormWeights, Linear, TensorSource};
+
+/// Indices of a linear layer's weight and bias among its layer's tensors.
+#[derive(Debug, Clone, Copy)]
+struct LinIdx {
+    w: usize,
+    b: Option<usize>,
+}
+
+/// Indices of a layer norm's parameters.
+#[derive(Debug, Clone, Copy)]
+struct LnIdx {
+    w: Option<usize>,
+    b: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AttnIdx {
+    q: LinIdx,
+    k: LinIdx,
+    v: LinIdx,
+    out: LinIdx,
+    ln: LnIdx,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MlpIdx {
+    fc1: LinIdx,
+    fc2: LinIdx,
+    ln: LnIdx,
+}
+
+/// What a scheduled layer computes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Input {
+        tokens: usize,
+        positions: usize,
+        project_in: Option<usize>,
+    },
+    Attention(AttnIdx),
+    Mlp(MlpIdx),
+    Decoder(AttnIdx, MlpIdx),
+    Output {
+        ln: Option<LnIdx>,
+        project_out: Option<usize>,
+        tokens: usize,
+    },
+}
+
+/// Collects a layer's weight specs (in FlexGen's order) and their indices.
+struct Specs<'a> {
+    cfg: &'a OptConfig,
+    src: &'a dyn TensorSource,
+    dtype: Option<DType>,
+    groups: Vec<Vec<WeightSpec>>,
+    group: Vec<WeightSpec>,
+    n: usize,
+}
+
+impl<'a> Specs<'a> {
+    fn new(cfg: &'a OptConfig, src: &'a dyn TensorSource, dtype: Option<DType>) -> Self {
+        Specs {
+            cfg,
+            src,
+            dtype,
+            groups: Vec::new(),
+            group: Vec::new(),
+            n: 0,
+        }
+    }
+
+    fn push(&mut self, spec: WeightSpec) -> usize {
+        self.group.push(spec);
+        self.n += 1;
+        self.n - 1
+    }
+
+    fn matrix(&mut self, name: String, rows: usize, cols: usize) -> Result<usize> {
+        let dtype = match self.dtype {
+            Some(d) => d,
+            None => self.src.dtype(&name)?,
+        };
+        Ok(self.push(WeightSpec::matrix(name, rows, cols, dtype)))
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<LinIdx> {
+        let w = self.matrix(format!("{prefix}.weight"), out, inp)?;
+        let b = self
+            .cfg
+            .enable_bias
+            .then(|| self.push(WeightSpec::vector(format!("{prefix}.bias"), out)));
+        Ok(LinIdx { w, b })
+    }
+
+    fn layer_norm(&mut self, prefix: &str) -> LnIdx {
+        let h = self.cfg.hidden_size;
+        if self.cfg.layer_norm_elementwise_affine {
+            LnIdx {
+                w: Some(self.push(WeightSpec::vector(format!("{prefix}.weight"), h))),
+                b: Some(self.push(WeightSpec::vector(format!("{prefix}.bias"), h))),
+            }
+        } else {
+            LnIdx { w: None, b: None }
+        }
+    }
+
+    fn attention(&mut self, l: usize) -> Result<AttnIdx> {
+        let h = self.cfg.hidden_size;
+        let p = format!("decoder.layers.{l}");
+        let idx = AttnIdx {
+            q: self.linear(&format!("{p}.self_attn.q_proj"), h, h)?,
+            k: self.linear(&format!("{p}.self_attn.k_proj"), h, h)?,
+            v: self.linear(&format!("{p}.self_attn.v_proj"), h, h)?,
+            out: self.linear(&format!("{p}.self_attn.out_proj"), h, h)?,
+            ln: self.layer_norm(&format!("{p}.self_attn_layer_norm")),
+        };
+        self.end_group();
+        Ok(idx)
+    }
+
+    fn mlp(&mut self, l: usize) -> Result<MlpIdx> {
+        let (h, f) = (self.cfg.hidden_size, self.cfg.ffn_dim);
+        let p = format!("decoder.layers.{l}");
+        let idx = MlpIdx {
+            fc1: self.linear(&format!("{p}.fc1"), f, h)?,
+            fc2: self.linear(&format!("{p}.fc2"), h, f)?,
+            ln: self.layer_norm(&format!("{p}.final_layer_norm")),
+        };
+        self.end_group();
+        Ok(idx)
+    }
+
+    fn end_group(&mut self) {
+        if !self.group.is_empty() {
+            self.groups.push(std::mem::take(&mut self.group));
+        }
+    }
+
+    fn finish(&mut self, name: String, cache: Option<CacheSpec>) -> LayerSpec {
+        self.end_group();
+        self.n = 0;
+        LayerSpec {
+            name,
+            groups: std::mem::take(&mut self.groups),
+            cache,
+        }
+    }
+}
+
+/// OPT's layers as the runtime sees them (the [`BlockModel`]).
+#[derive(Debug)]
+pub struct OptLayers {
+    cfg: OptConfig,
+    kinds: Vec<Kind>,
+    specs: Vec<LayerSpec>,
+}
+
+impl OptLayers {
+    /// The layer list of `cfg` under `policy` (`sep_layer`), with 2-D weights in `dtype` (or
+    /// as `src` stores them).
+    fn new(
+        cfg: &OptConfig,
+        src: &dyn TensorSource,
+        dtype: Option<DType>,
+        policy: &Policy,
+    ) -> Result<Self> {
+        let (h, e) = (cfg.hidden_size, cfg.word_embed_dim());
+        let mut s = Specs::new(cfg, src, dtype);
+        let mut kinds = Vec::new();
+        let mut specs = Vec::new();
+        let embed = "decoder.embed_tokens.weight".to_string();
+        let input = Kind::Input {
+            tokens: s.matrix(embed.clone(), cfg.vocab_size, e)?,
+            positions: s.matrix(
+                "decoder.embed_positions.weight".into(),
+                cfg.max_position_embeddings + 2,
+                h,
+            )?,
+            project_in: if cfg.has_projections() {
+                Some(s.matrix("decoder.project_in.weight".into(), h, e)?)
+            } else {
+                None
+            },
+        };
+        kinds.push(input);
+        specs.push(s.finish("input embedding".into(), None));
+        let kv = Some(CacheSpec {
+            planes: vec![
+                PlaneSpec {
+                    elem: Elem::F32,
+                    per_token: h,
+                };
+                2
+            ],
+        });
+        for l in 0..cfg.num_hidden_layers {
+            if policy.sep_layer {
+                kinds.push(Kind::Attention(s.attention(l)?));
+                specs.push(s.finish(format!("attention {l}"), kv.clone()));
+                kinds.push(Kind::Mlp(s.mlp(l)?));
+                specs.push(s.finish(format!("mlp {l}"), None));
+            } else {
+                let a = s.attention(l)?;
+                let m = s.mlp(l)?;
+                kinds.push(Kind::Decoder(a, m));
+                specs.push(s.finish(format!("decoder layer {l}"), kv.clone()));
+            }
+        }
+        let ln = cfg
+            .has_final_layer_norm()
+            .then(|| s.layer_norm("decoder.final_layer_norm"));
+        let project_out = if cfg.has_projections() {
+            Some(s.matrix("decoder.project_out.weight".into(), e, h)?)
+        } else {
+            None
+        };
+        let tokens = s.matrix(embed, cfg.vocab_size, e)?;
+        kinds.push(Kind::Output {
+            ln,
+            project_out,
+            tokens,
+        });
+        specs.push(s.finish("output head".into(), None));
+        Ok(OptLayers {
+            cfg: cfg.clone(),
+            kinds,
+            specs,
+        })
+    }
+}
+
+/// Checks that tensor `i` is a 2-D weight.
+fn check_matrix(w: &[Tensor], i: usize) -> std::result::Result<(), DynError> {
+    match &w[i] {
+        Tensor::Dense(_) | Tensor::Packed(_) => Ok(()),
+        other => Err(format!("weight {i} is {}, expected a matrix", other.describe()).into()),
+    }
+}
+
+fn check_vector(w: &[Tensor], i: Option<usize>) -> std::result::Result<(), DynError> {
+    match i.map(|i| (i, &w[i])) {
+        None | Some((_, Tensor::Vector(_))) => Ok(()),
+        Some((i, other)) => {
+            Err(format!("weight {i} is {}, expected a vector", other.describe()).into())
+        }
+    }
+}
+
+fn check_linear(w: &[Tensor], l: LinIdx) -> std::result::Result<(), DynError> {
+    check_matrix(w, l.w)?;
+    check_vector(w, l.b)
+}
+
+fn check_ln(w: &[Tensor], l: LnIdx) -> std::result::Result<(), DynError> {
+    check_vector(w, l.w)?;
+    check_vector(w, l.b)
+}
+
+/// Moves a (checked) 2-D weight out of the runtime's tensors.
+fn take_weight(w: &mut [Tensor], i: usize) -> Weight {
+    match w[i].take() {
+        Tensor::Dense(m) => Weight::Dense(m),
+        Tensor::Packed(q) => Weight::Packed(q),
+        _ => unreachable!("checked by check_matrix"),
+    }
+}
+
+fn put_weight(w: &mut [Tensor], i: usize, weight: Weight) {
+    w[i] = match weight {
+        Weight::Dense(m) => Tensor::Dense(m),
+        Weight::Packed(q) => Tensor::Packed(q),
+    };
+}
+
+fn take_vec(w: &mut [Tensor], i: Option<usize>) -> Option<Vec<f32>> {
+    i.map(|i| match w[i].take() {
+        Tensor::Vector(v) => v,
+        _ => unreachable!("checked by check_vector"),
+    })
+}
+
+fn put_vec(w: &mut [Tensor], i: Option<usize>, v: Option<Vec<f32>>) {
+    if let (Some(i), Some(v)) = (i, v) {
+        w[i] = Tensor::Vector(v);
+    }
+}
+
+fn take_linear(w: &mut [Tensor], l: LinIdx) -> Linear {
+    Linear {
+        weight: take_weight(w, l.w),
+        bias: take_vec(w, l.b),
+    }
+}
+
+fn put_linear(w: &mut [Tensor], l: LinIdx, lin: Linear) {
+    put_weight(w, l.w, lin.weight);
+    put_vec(w, l.b, lin.bias);
+}
+
+fn take_ln(w: &mut [Tensor], l: LnIdx) -> LayerNormWeights {
+    LayerNormWeights {
+        weight: take_vec(w, l.w),
+        bias: take_vec(w, l.b),
+    }
+}
+
+fn put_ln(w: &mut [Tensor], l: LnIdx, ln: LayerNormWeights) {
+    put_vec(w, l.w, ln.weight);
+    put_vec(w, l.b, ln.bias);
+}
+
+/// One micro-batch's state between layers.
+#[derive(Debug)]
+pub struct OptBatch {
+    rows: usize,
+    capacity: usize,
+    /// Input tokens of the current step, `[rows, q_len]`.
+    tokens: Vec<u32>,
+    valid: Vec<bool>,
+    seen: Vec<usize>,
+    /// `[rows, capacity]`: false for padding.
+    mask: Vec<bool>,
+    key_valid: Vec<bool>,
+    pos_ids: Vec<u32>,
+    x: Vec<f32>,
+    sel: Vec<f32>,
+    logits: Vec<f32>,
+    scratch: LayerScratch,
+}
+
+impl OptBatch {
+    /// A micro-batch of left-padded prompts (`tokens`, `valid`: `[rows, prompt_len]`).
+    fn new(rows: usize, capacity: usize, tokens: Vec<u32>, valid: Vec<bool>) -> Self {
+        OptBatch {
+            rows,
+            capacity,
+            tokens,
+            valid,
+            seen: vec![0; rows],
+            mask: vec![false; rows * capacity],
+            key_valid: Vec::new(),
+            pos_ids: Vec::new(),
+            x: Vec::new(),
+            sel: Vec::new(),
+            logits: Vec::new(),
+            scratch: LayerScratch::default(),
+        }
+    }
+}
+
+impl OptLayers {
+    fn input(
+        &self,
+        step: &Step,
+        w: &mut [Tensor],
+        idx: (usize, usize, Option<usize>),
+        b: &mut OptBatch,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let q = step.q_len;
+        let max_seen = layers::positions(&b.valid, q, &mut b.seen, &mut b.pos_ids);
+        if max_seen > cfg.max_position_embeddings {
+            return Err(Error::PromptTooLong {
+                row: b.seen.iter().position(|&c| c == max_seen).unwrap_or(0),
+                prompt_tokens: max_seen,
+                new_tokens: 0,
+                max_positions: cfg.max_position_embeddings,
+            });
+        }
+        for row in 0..b.rows {
+            let dst = row * b.capacity + step.kv_len;
+            b.mask[dst..dst + q].copy_from_slice(&b.valid[row * q..(row + 1) * q]);
+        }
+        b.key_valid.clear();
+        for row in 0..b.rows {
+            let src = row * b.capacity;
+            b.key_valid
+                .extend_from_slice(&b.mask[src..src + step.kv_len + q]);
+        }
+        let (tokens, positions, project_in) = idx;
+        let et = take_weight(w, tokens);
+        let ep = take_weight(w, positions);
+        let pi = project_in.map(|i| take_weight(w, i));
+        let x = layers::sized(&mut b.x, b.rows * q * cfg.hidden_size);
+        let params = InputParams {
+            embed_tokens: &et,
+            embed_positions: &ep,
+            project_in: pi.as_ref(),
+        };
+        let r = layers::input_embedding(cfg, params, &b.tokens, &b.pos_ids, x, &mut b.scratch);
+        put_weight(w, tokens, et);
+        put_weight(w, positions, ep);
+        if let (Some(i), Some(p)) = (project_in, pi) {
+            put_weight(w, i, p);
+        }
+        r
+    }
+
+    fn attention(
+        &self,
+        step: &Step,
+        w: &mut [Tensor],
+        a: AttnIdx,
+        cache: Option<CacheView<'_>>,
+        b: &mut OptBatch,
+    ) -> Result<()> {
+        let view = cache
+            .ok_or_else(|| Error::InvalidRequest("attention layer without a KV cache".into()))?;
+        let (k, v) = view.planes.split_at_mut(1);
+        let kv = KvSlot {
+            keys: k[0].as_f32_mut()?,
+            values: v[0].as_f32_mut()?,
+            capacity: view.capacity,
+            kv_len: view.kv_len,
+        };
+        let (q, kk, vv, o) = (
+            take_linear(w, a.q),
+            take_linear(w, a.k),
+            take_linear(w, a.v),
+            take_linear(w, a.out),
+        );
+        let ln = take_ln(w, a.ln);
+        let params = AttentionParams {
+            q_proj: &q,
+            k_proj: &kk,
+            v_proj: &vv,
+            out_proj: &o,
+            layer_norm: &ln,
+        };
+        let r = layers::self_attention(
+            &self.cfg,
+            params,
+            &mut b.x,
+            step.q_len,
+            kv,
+            &b.key_valid,
+            &mut b.scratch,
+        );
+        put_linear(w, a.q, q);
+        put_linear(w, a.k, kk);
+        put_linear(w, a.v, vv);
+        put_linear(w, a.out, o);
+        put_ln(w, a.ln, ln);
+        r
+    }
+
+    fn mlp(&self, w: &mut [Tensor], m: MlpIdx, b: &mut OptBatch) -> Result<()> {
+        let (fc1, fc2, ln) = (
+            take_linear(w, m.fc1),
+            take_linear(w, m.fc2),
+            take_ln(w, m.ln),
+        );
+        let params = MlpParams {
+            fc1: &fc1,
+            fc2: &fc2,
+            layer_norm: &ln,
+        };
+        let r = layers::mlp(&self.cfg, params, &mut b.x, &mut b.scratch);
+        put_linear(w, m.fc1, fc1);
+        put_linear(w, m.fc2, fc2);
+        put_ln(w, m.ln, ln);
+        r
+    }
+
+    fn output(
+        &self,
+        step: &Step,
+        w: &mut [Tensor],
+        idx: (Option<LnIdx>, Option<usize>, usize),
+        b: &mut OptBatch,
+    ) -> Result<()> {
+        let hd = self.cfg.hidden_size;
+        let q = step.q_len;
+        let sel = layers::sized(&mut b.sel, b.rows * hd);
+        for row in 0..b.rows {
+            let src = (row * q + q - 1) * hd;
+            sel[row * hd..(row + 1) * hd].copy_from_slice(&b.x[src..src + hd]);
+        }
+        let (ln_idx, project_out, tokens) = idx;
+        let ln = ln_idx.map(|l| take_ln(w, l));
+        let po = project_out.map(|i| take_weight(w, i));
+        let et = take_weight(w, tokens);
+        let params = OutputParams {
+            final_layer_norm: ln.as_ref(),
+            project_out: po.as_ref(),
+            embed_tokens: &et,
+        };
+        let r = layers::output_logits(&self.cfg, params, sel, &mut b.logits, &mut b.scratch);
+        if let (Some(l), Some(ln)) = (ln_idx, ln) {
+            put_ln(w, l, ln);
+        }
+        if let (Some(i), Some(p)) = (project_out, po) {
+            put_weight(w, i, p);
+        }
+        put_weight(w, tokens, et);
+        r
+    }
+}
+
+impl BlockModel for OptLayers {
+    type Batch = OptBatch;
+
+    fn layers(&self) -> &[LayerSpec] {
+        &self.specs
+    }
+
+    fn rows(&self, batch: &OptBatch) -> usize {
+        batch.rows
+    }
+
+    fn forward(
+        &self,
+        step: &Step,
+        w: &mut [Tensor],
+        cache: Option<CacheView<'_>>,
+        b: &mut OptBatch,
+    ) -> std::result::Result<(), DynError> {
+        match self.kinds[step.layer] {
+            Kind::Input {
+                tokens,
+                positions,
+                project_in,
+            } => {
+                check_matrix(w, tokens)?;
+                check_matrix(w, positions)?;
+                if let Some(i) = project_in {
+                    check_matrix(w, i)?;
+                }
+                self.input(step, w, (tokens, positions, project_in), b)?;
+            }
+            Kind::Attention(a) => {
+                for l in [a.q, a.k, a.v, a.out] {
+                    check_linear(w, l)?;
+                }
+                check_ln(w, a.ln)?;
+                self.attention(step, w, a, cache, b)?;
+            }
+            Kind::Mlp(m) => {
+                check_linear(w, m.fc1)?;
+                check_linear(w, m.fc2)?;
+                check_ln(w, m.ln)?;
+                self.mlp(w, m, b)?;
+            }
+            Kind::Decoder(a, m) => {
+                for l in [a.q, a.k, a.v, a.out, m.fc1, m.fc2] {
+                    check_linear(w, l)?;
+                }
+                check_ln(w, a.ln)?;
+                check_ln(w, m.ln)?;
+                self.attention(step, w, a, cache, b)?;
+                self.mlp(w, m, b)?;
+            }
+            Kind::Output {
+                ln,
+                project_out,
+                tokens,
+            } => {
+                if let Some(l) = ln {
+                    check_ln(w, l)?;
+                }
+                if let Some(i) = project_out {
+                    check_matrix(w, i)?;
+                }
+                check_matrix(w, tokens)?;
+                self.output(step, w, (ln, project_out, tokens), b)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn activation<'a>(&self, batch: &'a mut OptBatch) -> &'a mut Vec<f32> {
+        &mut batch.x
+    }
+
+    fn activation_bytes(&self, rows: usize, q_len: usize) -> u64 {
+        (rows * q_len * self.cfg.hidden_size * 4) as u64
+    }
+}
+
+/// The runtime's view of an OPT weight source: tensors by name, and where a checkpoint
+/// already holds them on disk.
+struct Source<'a> {
+    tensors: &'a dyn TensorSource,
+    ckpt: Option<&'a Checkpoint>,
+}
+
+impl WeightSource for Source<'_> {
+    fn load(&self, spec: &WeightSpec) -> std::result::Result<Tensor, DynError> {
+        Ok(match spec.kind {
+            TensorKind::Matrix { rows, cols, .. } => {
+                Tensor::Dense(self.tensors.matrix(&spec.name, rows, cols)?)
+            }
+            TensorKind::Vector { len } => Tensor::Vector(self.tensors.vector(&spec.name, len)?),
+        })
+    }
+
+    fn file_location(&self, spec: &WeightSpec) -> Option<FileLocation> {
+        let loc = self.ckpt?.locate(&spec.name).ok()?;
+        match spec.kind {
+            TensorKind::Matrix { rows, cols, dtype }
+                if loc.dtype == dtype && loc.shape == [rows, cols] =>
+            {
+                Some(FileLocation {
+                    path: loc.path,
+                    offset: loc.offset,
+                    len: loc.len,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An OPT model run by the offloading runtime under a [`Policy`].
+pub struct OffloadedOpt {
+    layers: OptLayers,
+    policy: Policy,
+    runtime: Mutex<Runtime>,
+    stats: Mutex<Vec<BlockStats>>,
+}
+
+impl std::fmt::Debug for OffloadedOpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OffloadedOpt")
+            .field("config", &self.layers.cfg)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OffloadedOpt {
+    /// Loads a Hugging Face OPT folder under `policy` with default [`OffloadOptions`] (offload
+    /// directory under the system temp dir, direct I/O, budgets from the machine's memory).
+    pub fn from_pretrained(dir: impl AsRef<Path>, policy: &Policy) -> Result<Self> {
+        Self::load(
+            dir,
+            None,
+            policy,
+            &OffloadOptions::default(),
+            &mut |_, _| {},
+        )
+    }
+
+    /// Loads a Hugging Face OPT folder: weights placed per `policy` (2-D weights in `dtype`, or
+    /// as stored); disk-homed weights of the right dtype are read in place from the checkpoint,
+    /// others written once to the offload directory. `progress(done, total)` is called per
+    /// weight.
+    pub fn load(
+        dir: impl AsRef<Path>,
+        dtype: Option<DType>,
+        policy: &Policy,
+        options: &OffloadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                what: "model folder",
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = OptConfig::from_file(dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::build(
+            &config,
+            &ckpt,
+            Some(&ckpt),
+            dtype,
+            policy,
+            options,
+            progress,
+        )
+    }
+
+    /// Dummy weights (FlexGen's `_DUMMY_`, the same values as
+    /// [`OptModel::dummy`](crate::OptModel::dummy)), generated one tensor at a time, so weights
+    /// homed on disk never all sit in memory.
+    pub fn dummy(
+        config: OptConfig,
+        dtype: DType,
+        seed: u64,
+        policy: &Policy,
+        options: &OffloadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        config.validate()?;
+        let src = DummySource::new(&config, dtype, seed);
+        Self::build(&config, &src, None, Some(dtype), policy, options, progress)
+    }
+
+    fn build(
+        config: &OptConfig,
+        tensors: &dyn TensorSource,
+        ckpt: Option<&Checkpoint>,
+        dtype: Option<DType>,
+        policy: &Policy,
+        options: &OffloadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        policy.validate()?;
+        if policy.compress_cache || policy.attn_sparsity < 1.0 {
+            return Err(Error::from(flexgen_offload::Error::policy(
+                if policy.compress_cache {
+                    "--compress-cache"
+                } else {
+                    "--attn-sparsity"
+                },
+                if policy.compress_cache {
+                    "true".to_string()
+                } else {
+                    policy.attn_sparsity.to_string()
+                },
+                "not supported by the offloaded OPT yet",
+            )));
+        }
+        let layers = OptLayers::new(config, tensors, dtype, policy)?;
+        let source = Source { tensors, ckpt };
+        let runtime = Runtime::new(&layers.specs, &source, policy, options, progress)?;
+        Ok(OffloadedOpt {
+            layers,
+            policy: policy.clone(),
+            runtime: Mutex::new(runtime),
+            stats: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &OptConfig {
+        &self.layers.cfg
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The layers as scheduled.
+    pub fn layer_specs(&self) -> &[LayerSpec] {
+        &self.layers.specs
+    }
+
+    /// Runs `f` on the runtime (placement, accounting, I/O totals).
+    pub fn with_runtime<R>(&self, f: impl FnOnce(&Runtime) -> R) -> R {
+        f(&self.runtime.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The statistics of the blocks run since the last call.
+    pub fn take_stats(&self) -> Vec<BlockStats> {
+        std::mem::take(&mut *self.stats.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Like [`crate::generate`]: row `i` samples with seed `cfg.seed + i`.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+        tokenizer: Option<&OptTokenizer>,
+        on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
+    ) -> Result<Vec<GenerationOutput>> {
+        let cfgs: Vec<GenerationConfig> = (0..prompts.len())
+            .map(|i| GenerationConfig {
+                seed: cfg.seed.wrapping_add(i as u64),
+                ..cfg.clone()
+            })
+            .collect();
+        self.generate_rows(prompts, &cfgs, tokenizer, on_token)
+    }
+
+    /// Like [`crate::generate_rows`], run as blocks of `gpu_batch_size × num_gpu_batches`
+    /// prompts (left-padded per block). A block ends when every row in it has stopped.
+    /// [`Flow::StopAll`] cancels the rows of later blocks before they start.
+    pub fn generate_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        cfgs: &[GenerationConfig],
+        tokenizer: Option<&OptTokenizer>,
+        mut on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
+    ) -> Result<Vec<GenerationOutput>> {
+        let mc = &self.layers.cfg;
+        if prompts.is_empty() {
+            return Err(Error::InvalidRequest("no prompts given".into()));
+        }
+        if cfgs.len() != prompts.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} configs for {} prompts",
+                cfgs.len(),
+                prompts.len()
+            )));
+        }
+        for (row, (p, cfg)) in prompts.iter().zip(cfgs).enumerate() {
+            validate_config(cfg, tokenizer)?;
+            validate_prompt(mc, row, p, cfg, mc.max_position_embeddings)?;
+        }
+        let mut rows: Vec<RowDecoder> = prompts
+            .iter()
+            .zip(cfgs)
+            .map(|(p, cfg)| RowDecoder::new(mc, cfg, tokenizer, p.len()))
+            .collect();
+        let active: Vec<usize> = (0..rows.len())
+            .filter(|&r| rows[r].finish_reason().is_none())
+            .collect();
+        let gbs = self.policy.gpu_batch_size;
+        let mut sampler = Sampler::default();
+        let mut stop_all = false;
+        let mut runtime = self.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        for block in active.chunks(self.policy.block_size()) {
+            if stop_all {
+                block.iter().for_each(|&r| rows[r].cancel());
+                continue;
+            }
+            let prompt_len = block.iter().map(|&r| prompts[r].len()).max().unwrap_or(1);
+            let gen_len = block
+                .iter()
+                .map(|&r| cfgs[r].max_new_tokens)
+                .max()
+                .unwrap_or(1);
+            let capacity = prompt_len + gen_len - 1;
+            let mut batches: Vec<OptBatch> = block
+                .chunks(gbs)
+                .map(|mb| {
+                    let mut tokens = vec![PAD_TOKEN_ID; mb.len() * prompt_len];
+                    let mut valid = vec![false; mb.len() * prompt_len];
+                    for (b, &r) in mb.iter().enumerate() {
+                        let p = &prompts[r];
+                        let start = b * prompt_len + prompt_len - p.len();
+                        tokens[start..start + p.len()].copy_from_slice(p);
+                        valid[start..start + p.len()]
+                            .iter_mut()
+                            .for_each(|v| *v = true);
+                    }
+                    OptBatch::new(mb.len(), capacity, tokens, valid)
+                })
+                .collect();
+            let vocab = mc.vocab_size;
+            let stats = runtime.run_block(
+                &self.layers,
+                &mut batches,
+                prompt_len,
+                gen_len,
+                |_, batches| {
+                    let mut any = false;
+                    for (mb, batch) in batches.iter_mut().enumerate() {
+                        batch.tokens.clear();
+                        batch.valid.clear();
+                        batch.valid.resize(batch.rows, true);
+                        for b in 0..batch.rows {
+                            let r = block[mb * gbs + b];
+                            let row = &mut rows[r];
+                            if stop_all {
+                                row.cancel();
+                            }
+                            if row.finish_reason().is_some() {
+                                batch.tokens.push(PAD_TOKEN_ID);
+                                continue;
+                            }
+                            let logits = &batch.logits[b * vocab..(b + 1) * vocab];
+                            let (id, flow) = row.step(
+                                r,
+                                logits,
+                                &cfgs[r],
+                                tokenizer,
+                                &mut sampler,
+                                &mut on_token,
+                            )?;
+                            stop_all |= flow == Flow::StopAll;
+                            batch.tokens.push(id);
+                            any |= row.finish_reason().is_none();
+                        }
+                    }
+                    Ok(any && !stop_all)
+                },
+            )?;
+            self.stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(stats);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| r.into_output(FinishReason::Length))
+            .collect())
+    }
+}

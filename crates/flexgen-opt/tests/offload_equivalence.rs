@@ -1,0 +1,198 @@
+//! The offloaded model against the all-in-memory one: for any valid policy (placement
+//! percentages, block shape, overlap, sep_layer, weight compression), generated tokens are the
+//! same on every fixture checkpoint, greedy and sampled, over several blocks.
+
+mod common;
+
+use flexgen_core::DType;
+use flexgen_offload::{Budgets, OffloadOptions, Policy};
+use flexgen_opt::offloaded::OffloadedOpt;
+use flexgen_opt::{generate, Error, Flow, GenerationConfig, LoadOptions, OptConfig, OptModel};
+use proptest::prelude::*;
+
+fn options(dir: &tempfile::TempDir) -> OffloadOptions {
+    OffloadOptions {
+        offload_dir: dir.path().to_path_buf(),
+        direct_io: true,
+        io_threads: 2,
+        budgets: Budgets::unlimited(),
+    }
+}
+
+fn prompts(n: usize, seed: u64, max_len: usize) -> Vec<Vec<u32>> {
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as usize
+    };
+    (0..n)
+        .map(|_| {
+            let len = 1 + next() % max_len;
+            std::iter::once(2)
+                .chain((1..len).map(|_| 4 + (next() % 50000) as u32))
+                .collect()
+        })
+        .collect()
+}
+
+fn percent() -> impl Strategy<Value = [f64; 6]> {
+    let pair = || {
+        (0u32..=100, 0u32..=100).prop_map(|(a, b)| {
+            let b = b.min(100 - a);
+            (a as f64, b as f64)
+        })
+    };
+    (pair(), pair(), 0usize..3).prop_map(|((wg, wc), (cg, cc), act)| {
+        let (hg, hc) = [(100.0, 0.0), (0.0, 100.0), (0.0, 0.0)][act];
+        [wg, wc, cg, cc, hg, hc]
+    })
+}
+
+fn ids(outs: &[flexgen_opt::GenerationOutput]) -> Vec<Vec<u32>> {
+    outs.iter().map(|o| o.token_ids.clone()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn offloaded_tokens_equal_in_memory_tokens(
+        fixture in 0usize..4,
+        percent in percent(),
+        gbs in 1usize..4,
+        ngb in 1usize..3,
+        n in 1usize..9,
+        overlap in any::<bool>(),
+        sep_layer in any::<bool>(),
+        compress in any::<bool>(),
+        sampled in any::<bool>(),
+        gen in 1usize..6,
+        seed in any::<u64>(),
+    ) {
+        let dir = common::fixture(common::FIXTURES[fixture]);
+        let policy = Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: ngb,
+            overlap,
+            sep_layer,
+            compress_weight: compress,
+            ..Policy::default()
+        }
+        .with_percent(percent);
+        let load = LoadOptions {
+            compress_weight: compress.then_some(policy.comp_weight_config),
+            ..LoadOptions::default()
+        };
+        let reference = OptModel::load(&dir, &load).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let model = OffloadedOpt::load(&dir, None, &policy, &options(&tmp), &mut |_, _| {}).unwrap();
+        let ps = prompts(n, seed, 6);
+        let mut cfg = GenerationConfig::greedy(gen).with_seed(seed);
+        if sampled {
+            cfg = cfg.with_temperature(0.9).with_top_k(50);
+        }
+        let expect = generate(&reference, &ps, &cfg, None, |_| Flow::Continue).unwrap();
+        let mut streamed = 0;
+        let got = model
+            .generate(&ps, &cfg, None, |_| {
+                streamed += 1;
+                Flow::Continue
+            })
+            .unwrap();
+        prop_assert_eq!(ids(&got), ids(&expect));
+        prop_assert_eq!(
+            got.iter().map(|o| o.finish_reason).collect::<Vec<_>>(),
+            expect.iter().map(|o| o.finish_reason).collect::<Vec<_>>()
+        );
+        prop_assert_eq!(streamed, got.iter().map(|o| o.token_ids.len()).sum::<usize>());
+        // One block per gbs x ngb prompts.
+        let blocks = model.take_stats();
+        prop_assert_eq!(blocks.len(), n.div_ceil(gbs * ngb));
+    }
+}
+
+#[test]
+fn dummy_weights_match_the_in_memory_dummy_model() {
+    let cfg =
+        OptConfig::from_file(common::fixture("tiny-postln-proj").join("config.json")).unwrap();
+    let reference = OptModel::dummy(cfg.clone(), DType::F16, 3).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = Policy {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        ..Policy::default()
+    }
+    .with_percent([0.0, 30.0, 0.0, 50.0, 0.0, 0.0]);
+    let model =
+        OffloadedOpt::dummy(cfg, DType::F16, 3, &policy, &options(&tmp), &mut |_, _| {}).unwrap();
+    let ps = prompts(4, 9, 5);
+    let cfg = GenerationConfig::greedy(4);
+    let expect = generate(&reference, &ps, &cfg, None, |_| Flow::Continue).unwrap();
+    let got = model.generate(&ps, &cfg, None, |_| Flow::Continue).unwrap();
+    assert_eq!(ids(&got), ids(&expect));
+    let stats = model.take_stats();
+    assert_eq!(stats.len(), 1);
+    assert!(stats[0].io.read_bytes > 0 && stats[0].io.write_bytes > 0);
+}
+
+#[test]
+fn bad_policies_and_requests_are_typed_errors() {
+    let dir = common::fixture("tiny-preln-f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = Policy::default().with_percent([70.0, 40.0, 100.0, 0.0, 100.0, 0.0]);
+    let e = OffloadedOpt::load(&dir, None, &bad, &options(&tmp), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, Error::Offload(_)), "{e}");
+    assert!(e.to_string().contains("--percent wg+wc"), "{e}");
+    let tight = OffloadOptions {
+        budgets: Budgets {
+            compute: 1 << 20,
+            host: u64::MAX,
+            ram: u64::MAX,
+            disk: u64::MAX,
+        },
+        ..options(&tmp)
+    };
+    let e = OffloadedOpt::load(&dir, None, &Policy::default(), &tight, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("compute tier"), "{e}");
+    let model = OffloadedOpt::load(
+        &dir,
+        None,
+        &Policy::default(),
+        &options(&tmp),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let e = model
+        .generate(
+            &[vec![2, 60000]],
+            &GenerationConfig::greedy(2),
+            None,
+            |_| Flow::Continue,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::TokenOutOfRange { id: 60000, .. }), "{e}");
+    assert!(model
+        .generate(&[], &GenerationConfig::greedy(2), None, |_| Flow::Continue)
+        .is_err());
+    // Stopping every row ends the block early.
+    let mut seen = 0;
+    let outs = model
+        .generate(
+            &prompts(3, 1, 4),
+            &GenerationConfig::greedy(8),
+            None,
+            |_| {
+                seen += 1;
+                Flow::StopAll
+            },
+        )
+        .unwrap();
+    assert_eq!(seen, 1);
+    assert!(outs
+        .iter()
+        .all(|o| o.finish_reason == flexgen_opt::FinishReason::Cancelled));
+    let stats = model.take_stats();
+    assert_eq!(stats.last().unwrap().tokens, 1);
+}
