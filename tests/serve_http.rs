@@ -792,3 +792,36 @@ async fn disconnected_clients_stop_costing_compute() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 3);
 }
+
+#[tokio::test]
+async fn batches_stay_within_the_kv_cache_budget() {
+    // The fixture's cache costs 2 layers x K,V x 16 x 4 bytes = 256 bytes per token and row:
+    // a 2-token prompt with 10 new tokens needs 3072 bytes, so 7000 bytes hold two rows.
+    let s = Server::start(&[
+        "--model",
+        fixture(MODEL).to_str().unwrap(),
+        "--batch-window-ms",
+        "300",
+        "--max-kv-cache-bytes",
+        "7000",
+    ]);
+    let c = client();
+    let body = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 10, "temperature": 0});
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, url, body) = (c.clone(), s.url(C), body.clone());
+            tokio::spawn(async move { post(&c, &url, &body, None).await })
+        })
+        .collect();
+    let mut texts = Vec::new();
+    for t in tasks {
+        let (status, v) = t.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["prompt_tokens"], 2);
+        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+    let m = metrics(&c, &s).await;
+    assert_eq!(metric(&m, "flexgen_batch_size_max"), 2.0, "{m}");
+    assert_eq!(metric(&m, "flexgen_batch_size_sum"), 6.0, "{m}");
+}

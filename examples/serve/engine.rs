@@ -34,6 +34,11 @@ pub struct EngineOptions {
     pub batch_window: Duration,
     /// Rows allowed to wait; more are refused with 429.
     pub max_queue: usize,
+    /// KV cache a batch may allocate (rows x (longest prompt + most new tokens) x bytes per
+    /// token); rows that would exceed it wait for the next batch. A single row always runs.
+    pub max_kv_cache_bytes: usize,
+    /// KV cache bytes per token of one row (all layers, K and V, f32).
+    pub kv_bytes_per_token: usize,
 }
 
 struct Job {
@@ -105,11 +110,14 @@ impl Engine {
 fn next_batch(queue: &Queue, opts: &EngineOptions, metrics: &Metrics) -> Vec<Job> {
     let mut q = lock(&queue.jobs);
     loop {
+        // Rows left over from the last batch have waited already: only a request that wakes an
+        // idle engine waits for the window.
+        let idle = q.is_empty();
         while q.is_empty() {
             q = queue.ready.wait(q).unwrap_or_else(|e| e.into_inner());
         }
         let deadline = Instant::now() + opts.batch_window;
-        while q.len() < opts.max_batch {
+        while idle && q.len() < opts.max_batch {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -121,13 +129,23 @@ fn next_batch(queue: &Queue, opts: &EngineOptions, metrics: &Metrics) -> Vec<Job
                 .0;
         }
         let mut batch = Vec::with_capacity(opts.max_batch);
+        let (mut longest_prompt, mut most_new) = (0, 0);
         while batch.len() < opts.max_batch {
-            let Some(job) = q.pop_front() else { break };
+            let Some(job) = q.front() else { break };
             if job.tx.is_closed() {
+                q.pop_front();
                 metrics.cancelled(1);
-            } else {
-                batch.push(job);
+                continue;
             }
+            // The batch's cache holds every row at the longest prompt plus the most new tokens.
+            let p = longest_prompt.max(job.spec.prompt.len());
+            let g = most_new.max(job.spec.cfg.max_new_tokens);
+            let bytes = (batch.len() + 1) * (p + g) * opts.kv_bytes_per_token;
+            if !batch.is_empty() && bytes > opts.max_kv_cache_bytes {
+                break;
+            }
+            (longest_prompt, most_new) = (p, g);
+            batch.extend(q.pop_front());
         }
         metrics.queued.store(q.len(), Ordering::Relaxed);
         if !batch.is_empty() {

@@ -72,6 +72,10 @@ struct Args {
     /// Rows allowed to wait in the queue; more get 429.
     #[arg(long, default_value_t = 1024)]
     max_queue: usize,
+    /// KV cache one batch may allocate, in bytes (rows x (longest prompt + most new tokens) x
+    /// per-token bytes); rows beyond it wait for the next batch.
+    #[arg(long, default_value_t = 4 << 30)]
+    max_kv_cache_bytes: usize,
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
@@ -127,6 +131,8 @@ fn main() -> Result<()> {
             max_batch: args.max_batch,
             batch_window: Duration::from_millis(args.batch_window_ms),
             max_queue: args.max_queue,
+            max_kv_cache_bytes: args.max_kv_cache_bytes,
+            kv_bytes_per_token: mc.kv_cache_bytes_per_token(4),
         },
         metrics.clone(),
     )
