@@ -1,10 +1,19 @@
 //! FlexGen's benchmark (`flex_opt`): generate `gen_len` tokens for a block of
-//! `gpu_batch_size × num_gpu_batches` prompts of `prompt_len` tokens and report FlexGen's metrics.
+//! `gpu_batch_size × num_gpu_batches` prompts of `prompt_len` tokens under an offloading policy
+//! and report FlexGen's metrics, plus peak bytes per tier, disk I/O and where the time went.
 //!
 //! ```text
+//! # everything in memory
 //! cargo run --release --example flex_opt -- --model facebook/opt-1.3b --path _DUMMY_ \
-//!     --prompt-len 128 --gen-len 32 --gpu-batch-size 8 --dtype bf16
+//!     --prompt-len 128 --gen-len 32 --gpu-batch-size 8
+//! # weights on disk (read once per token per block), cache and activations in memory
+//! cargo run --release --example flex_opt -- --model facebook/opt-6.7b --path _DUMMY_ \
+//!     --percent 0 0 100 0 100 0 --gpu-batch-size 8 --num-gpu-batches 4
 //! ```
+//!
+//! `--percent wg wc cg cc hg hc` places weights, KV cache and activations: percent on the
+//! compute tier and on the host tier (both RAM on this CPU backend), the rest on disk, in
+//! `--offload-dir` (files removed on exit, error and Ctrl-C).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,22 +21,36 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use flexgen::core::DType;
-use flexgen::opt::{generate, Flow, GenerationConfig, LoadOptions, OptConfig, OptModel};
+use flexgen::offload::{OffloadOptions, Policy, Tier};
+use flexgen::opt::{Flow, GenerationConfig, OffloadedOpt, OptConfig};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// FlexGen's path value meaning "deterministic dummy weights, no files".
 const DUMMY_WEIGHT: &str = "_DUMMY_";
 
-/// Benchmark OPT generation throughput (FlexGen's flex_opt).
+/// FlexGen's `str2bool`: yes/no, true/false, t/f, y/n, 1/0.
+fn str2bool(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "t" | "y" | "1" => Ok(true),
+        "no" | "false" | "f" | "n" | "0" => Ok(false),
+        _ => Err(format!("expected a boolean (true/false, yes/no, 1/0), got {s:?}")),
+    }
+}
+
+/// Benchmark OPT generation throughput under an offloading policy (FlexGen's flex_opt).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// A zoo name (facebook/opt-125m ... opt-175b, galactica-30b, opt-iml-*) or a model folder.
     #[arg(long, default_value = "facebook/opt-1.3b")]
     model: String,
-    /// Weights folder, or `_DUMMY_` for dummy weights generated in memory (default when
+    /// Weights folder, or `_DUMMY_` for dummy weights generated tensor by tensor (default when
     /// --model is a zoo name).
     #[arg(long)]
     path: Option<String>,
+    /// Where the disk tier's files go (a private subfolder, removed on exit).
+    #[arg(long)]
+    offload_dir: Option<PathBuf>,
     /// Tokens per prompt.
     #[arg(long, default_value_t = 512)]
     prompt_len: usize,
@@ -37,17 +60,48 @@ struct Args {
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = 4)]
     gpu_batch_size: usize,
-    /// Micro-batches per block (block = gpu_batch_size × num_gpu_batches sequences).
+    /// Micro-batches per block; a layer's weights are read once per token for the whole block
+    /// of gpu_batch_size × num_gpu_batches sequences.
     #[arg(long, default_value_t = 1)]
     num_gpu_batches: usize,
-    /// Placement percentages `wg wc cg cc hg hc` (weights, cache, activations on compute /
-    /// host memory; disk gets the rest). Until offloading lands only `100 0 100 0 100 0`.
-    #[arg(long, num_args = 6, default_values_t = [100u32, 0, 100, 0, 100, 0])]
-    percent: Vec<u32>,
+    /// Placement `wg wc cg cc hg hc`: percent of weights, KV cache and activations on the
+    /// compute and host tiers (both RAM here); disk gets the rest of each. Activations must be
+    /// 100% on one tier.
+    #[arg(long, num_args = 6, value_names = ["WG", "WC", "CG", "CC", "HG", "HC"], allow_negative_numbers = true,
+          default_values_t = [100.0, 0.0, 100.0, 0.0, 100.0, 0.0])]
+    percent: Vec<f64>,
+    /// Overlap I/O with compute (prefetch the next layer's weights and the next micro-batch's
+    /// cache on I/O threads); `false` runs the same schedule serially.
+    #[arg(long, default_value = "true", value_parser = str2bool, action = clap::ArgAction::Set)]
+    overlap: bool,
+    /// Schedule attention and MLP as separate layers.
+    #[arg(long, default_value = "true", value_parser = str2bool, action = clap::ArgAction::Set)]
+    sep_layer: bool,
+    /// FlexGen's pinned host weights; accepted, no effect on the CPU backend (no device copies).
+    #[arg(long, default_value = "true", value_parser = str2bool, action = clap::ArgAction::Set)]
+    pin_weight: bool,
+    /// FlexGen's CPU attention; accepted, no effect on the CPU backend (attention runs on the CPU).
+    #[arg(long)]
+    cpu_cache_compute: bool,
+    /// Fraction of value rows decode attention keeps (1.0 = dense).
+    #[arg(long, default_value_t = 1.0)]
+    attn_sparsity: f64,
+    /// Store 2-D weights 4-bit group-wise quantized (groups of 64 along the input dimension).
+    #[arg(long)]
+    compress_weight: bool,
+    /// Store the KV cache 4-bit group-wise quantized.
+    #[arg(long)]
+    compress_cache: bool,
+    /// Read and write the disk tier with O_DIRECT (bypassing the page cache) where possible.
+    #[arg(long, default_value = "true", value_parser = str2bool, action = clap::ArgAction::Set)]
+    direct_io: bool,
+    /// I/O threads.
+    #[arg(long, default_value_t = 4)]
+    io_threads: usize,
     /// Weight dtype: f32, f16 or bf16 (default: the checkpoint's, f16 for dummy weights).
     #[arg(long)]
     dtype: Option<String>,
-    /// Untimed warm-up runs (with gen_len 2) before the measured one.
+    /// Untimed warm-up runs (prefill and one token, as FlexGen's) before the measured one.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Seed of the dummy weights and prompt tokens.
@@ -58,7 +112,7 @@ struct Args {
     json: bool,
 }
 
-/// FlexGen's metrics of one run.
+/// FlexGen's metrics of one run, plus the offloading costs.
 #[derive(serde::Serialize, Debug)]
 struct Metrics {
     model: String,
@@ -68,9 +122,15 @@ struct Metrics {
     batch_size: usize,
     gpu_batch_size: usize,
     num_gpu_batches: usize,
-    percent: Vec<u32>,
+    percent: Vec<f64>,
+    overlap: bool,
+    sep_layer: bool,
+    compress_weight: bool,
+    direct_io: bool,
     threads: usize,
-    model_size_bytes: usize,
+    model_size_bytes: u64,
+    /// Weight bytes homed per tier `[compute, host, disk]`.
+    weight_bytes: [u64; 3],
     cache_size_bytes: usize,
     load_s: f64,
     prefill_latency_s: f64,
@@ -79,6 +139,17 @@ struct Metrics {
     decode_throughput_tok_s: f64,
     total_latency_s: f64,
     total_throughput_tok_s: f64,
+    /// Seconds of forward passes.
+    compute_s: f64,
+    /// Seconds the compute thread waited for I/O.
+    stall_s: f64,
+    io_read_bytes: u64,
+    io_write_bytes: u64,
+    /// Seconds spent in disk reads and writes, summed over the I/O threads.
+    io_read_s: f64,
+    io_write_s: f64,
+    /// Peak bytes held per tier during the measured block `[compute, host, disk]`.
+    peak_tier_bytes: [u64; 3],
     peak_rss_bytes: Option<u64>,
 }
 
@@ -90,7 +161,30 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn load_model(args: &Args, dtype: Option<DType>) -> Result<OptModel> {
+fn policy(args: &Args) -> Result<Policy> {
+    let p: [f64; 6] = args
+        .percent
+        .as_slice()
+        .try_into()
+        .context("--percent takes six numbers: wg wc cg cc hg hc")?;
+    let policy = Policy {
+        gpu_batch_size: args.gpu_batch_size,
+        num_gpu_batches: args.num_gpu_batches,
+        overlap: args.overlap,
+        sep_layer: args.sep_layer,
+        pin_weight: args.pin_weight,
+        cpu_cache_compute: args.cpu_cache_compute,
+        attn_sparsity: args.attn_sparsity,
+        compress_weight: args.compress_weight,
+        compress_cache: args.compress_cache,
+        ..Policy::default()
+    }
+    .with_percent(p);
+    policy.validate()?;
+    Ok(policy)
+}
+
+fn load_model(args: &Args, dtype: Option<DType>, policy: &Policy) -> Result<OffloadedOpt> {
     let model_path = Path::new(&args.model);
     let weights_dir: Option<PathBuf> = match args.path.as_deref() {
         Some(p) if p.contains(DUMMY_WEIGHT) => None,
@@ -98,21 +192,41 @@ fn load_model(args: &Args, dtype: Option<DType>) -> Result<OptModel> {
         None if model_path.is_dir() => Some(model_path.to_path_buf()),
         None => None,
     };
-    match weights_dir {
-        Some(dir) => Ok(OptModel::load(&dir, &LoadOptions { dtype })?),
+    let options = OffloadOptions {
+        offload_dir: args
+            .offload_dir
+            .clone()
+            .unwrap_or_else(flexgen::offload::default_offload_dir),
+        direct_io: args.direct_io,
+        io_threads: args.io_threads,
+        ..OffloadOptions::default()
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("placing weights {bar:40} {pos}/{len} [{elapsed}]")
+            .expect("a valid template"),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let model = match weights_dir {
+        Some(dir) => OffloadedOpt::load(&dir, dtype, policy, &options, &mut progress)?,
         None => {
             let config = if model_path.is_dir() {
                 OptConfig::from_file(model_path.join("config.json"))?
             } else {
                 OptConfig::from_name(&args.model)?
             };
-            Ok(OptModel::dummy(
-                config,
-                dtype.unwrap_or(DType::F16),
-                args.seed,
-            )?)
+            let dtype = dtype.unwrap_or(DType::F16);
+            OffloadedOpt::dummy(config, dtype, args.seed, policy, &options, &mut progress)?
         }
-    }
+    };
+    bar.finish_and_clear();
+    Ok(model)
 }
 
 /// Deterministic prompt tokens: BOS then ids spread over the vocabulary.
@@ -132,56 +246,34 @@ fn make_prompts(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// One timed generation: (prefill seconds, total seconds).
-fn run_block(model: &OptModel, prompts: &[Vec<u32>], gen_len: usize) -> Result<(f64, f64)> {
+/// One generation of the block with no stop token (every row runs `gen_len` tokens).
+fn run_block(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Result<()> {
     let cfg = GenerationConfig {
         max_new_tokens: gen_len,
         stop_token_ids: Vec::new(),
         ..GenerationConfig::default()
     };
-    let n = prompts.len();
-    let start = Instant::now();
-    let mut prefill = None;
-    let mut first_tokens = 0;
-    generate(model, prompts, &cfg, None, |ev| {
-        if ev.index == 0 {
-            first_tokens += 1;
-            if first_tokens == n {
-                prefill = Some(start.elapsed().as_secs_f64());
-            }
-        }
-        Flow::Continue
-    })?;
-    let total = start.elapsed().as_secs_f64();
-    Ok((prefill.unwrap_or(total), total))
+    model.generate(prompts, &cfg, None, |_| Flow::Continue)?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.percent != [100, 0, 100, 0, 100, 0] {
-        bail!(
-            "--percent {:?}: offloading is not implemented yet; only `100 0 100 0 100 0` \
-             (everything in compute memory) is accepted",
-            args.percent
-        );
+    if args.prompt_len == 0 || args.gen_len == 0 {
+        bail!("--prompt-len and --gen-len must be positive");
     }
-    if args.prompt_len == 0
-        || args.gen_len == 0
-        || args.gpu_batch_size == 0
-        || args.num_gpu_batches == 0
-    {
-        bail!("--prompt-len, --gen-len, --gpu-batch-size and --num-gpu-batches must be positive");
-    }
+    let policy = policy(&args)?;
     let dtype = args
         .dtype
         .as_deref()
         .map(str::parse::<DType>)
         .transpose()
         .context("--dtype")?;
+    flexgen::offload::install_interrupt_cleanup()?;
     let t_load = Instant::now();
-    let model = load_model(&args, dtype)?;
+    let model = load_model(&args, dtype, &policy)?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let cfg = model.config();
+    let cfg = model.config().clone();
     if args.prompt_len + args.gen_len - 1 > cfg.max_position_embeddings {
         bail!(
             "--prompt-len {} + --gen-len {} exceeds the model's {} positions",
@@ -190,25 +282,50 @@ fn main() -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let batch = args.gpu_batch_size * args.num_gpu_batches;
+    let batch = policy.block_size();
     let prompts = make_prompts(batch, args.prompt_len, args.seed);
     for _ in 0..args.warmup {
-        run_block(&model, &prompts, args.gen_len.min(2))?;
+        run_block(&model, &prompts, 1)?;
     }
-    let (prefill, total) = run_block(&model, &prompts, args.gen_len)?;
+    model.take_stats();
+    let start = Instant::now();
+    run_block(&model, &prompts, args.gen_len)?;
+    let total = start.elapsed().as_secs_f64();
+    let stats = model
+        .take_stats()
+        .pop()
+        .context("the block produced no statistics")?;
+    let prefill = stats.prefill_s.max(1e-9);
     let decode = (total - prefill).max(1e-9);
-    let weight_dtype = model.weights().layers.first().map(|l| l.fc1.weight.dtype());
+    let weight_bytes = model.with_runtime(|rt| rt.weight_plan().home_bytes);
+    let first_2d = model
+        .layer_specs()
+        .iter()
+        .flat_map(|l| l.weights())
+        .find_map(|w| match w.kind {
+            flexgen::offload::TensorKind::Matrix { dtype, .. } => Some(dtype),
+            _ => None,
+        });
     let m = Metrics {
         model: args.model.clone(),
-        dtype: weight_dtype.map_or("?".into(), |d| d.to_string()),
+        dtype: if policy.compress_weight {
+            format!("{}-bit", policy.comp_weight_config.num_bits)
+        } else {
+            first_2d.map_or("?".into(), |d| d.to_string())
+        },
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,
         batch_size: batch,
         gpu_batch_size: args.gpu_batch_size,
         num_gpu_batches: args.num_gpu_batches,
         percent: args.percent.clone(),
+        overlap: policy.overlap,
+        sep_layer: policy.sep_layer,
+        compress_weight: policy.compress_weight,
+        direct_io: args.direct_io,
         threads: rayon::current_num_threads(),
-        model_size_bytes: model.weights().nbytes(),
+        model_size_bytes: weight_bytes.iter().sum(),
+        weight_bytes,
         cache_size_bytes: 2
             * cfg.num_hidden_layers
             * cfg.hidden_size
@@ -222,18 +339,43 @@ fn main() -> Result<()> {
         decode_throughput_tok_s: (batch * (args.gen_len - 1)) as f64 / decode,
         total_latency_s: total,
         total_throughput_tok_s: (batch * args.gen_len) as f64 / total,
+        compute_s: stats.compute_s,
+        stall_s: stats.stall_s,
+        io_read_bytes: stats.io.read_bytes,
+        io_write_bytes: stats.io.write_bytes,
+        io_read_s: stats.io.read_s,
+        io_write_s: stats.io.write_s,
+        peak_tier_bytes: stats.peak_bytes,
         peak_rss_bytes: peak_rss_bytes(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&m)?);
     } else {
-        let gb = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let gb = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let tiers = |b: [u64; 3]| {
+            Tier::ALL
+                .iter()
+                .map(|t| format!("{t} {:.3} GB", gb(b[*t as usize])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
-            "model size: {:.3} GB\tcache size: {:.3} GB\tpeak rss: {}",
+            "model size: {:.3} GB ({})\tcache size: {:.3} GB\tpeak rss: {}",
             gb(m.model_size_bytes),
-            gb(m.cache_size_bytes),
+            tiers(m.weight_bytes),
+            gb(m.cache_size_bytes as u64),
             m.peak_rss_bytes
-                .map_or("n/a".into(), |b| format!("{:.3} GB", gb(b as usize)))
+                .map_or("n/a".into(), |b| format!("{:.3} GB", gb(b)))
+        );
+        println!("peak per tier: {}", tiers(m.peak_tier_bytes));
+        println!(
+            "compute: {:.3} s\tI/O wait: {:.3} s\tdisk read: {:.3} GB in {:.3} s\tdisk write: {:.3} GB in {:.3} s",
+            m.compute_s,
+            m.stall_s,
+            gb(m.io_read_bytes),
+            m.io_read_s,
+            gb(m.io_write_bytes),
+            m.io_write_s
         );
         println!(
             "prefill latency: {:.3} s\tprefill throughput: {:.3} token/s",

@@ -4,6 +4,8 @@
 //! - [`core`] (`flexgen-core`): dtypes, weight matrices and the CPU kernels.
 //! - [`quant`] (`flexgen-quant`): group-wise 4/8-bit compression of weights and KV cache, with
 //!   kernels that compute from the packed form.
+//! - [`offload`] (`flexgen-offload`): FlexGen's offloading runtime: policy, memory tiers with
+//!   budgets, the disk tier, and the zig-zag block schedule with overlapped I/O.
 //! - [`opt`] (`flexgen-opt`): OPT config, loading, generation and tokenizer.
 //!
 //! ```no_run
@@ -18,6 +20,7 @@
 //! ```
 
 pub use flexgen_core as core;
+pub use flexgen_offload as offload;
 pub use flexgen_opt as opt;
 pub use flexgen_quant as quant;
 

@@ -84,8 +84,10 @@ pub struct Runtime {
     direct_io: bool,
     tracker: Arc<MemoryTracker>,
     stats: Arc<IoStats>,
-    /// Fetch buffers released by the previous layer, reused by the next fetch.
+    /// Fetch buffers released by the previous layer, reused by the next fetch, and their
+    /// charge on the compute tier.
     spare: Vec<Tensor>,
+    spare_charge: Option<Charge>,
     blocks_run: usize,
     dir: OffloadDir,
 }
@@ -151,6 +153,7 @@ impl Runtime {
             tracker,
             stats,
             spare: Vec::new(),
+            spare_charge: None,
             blocks_run: 0,
             dir,
         })
@@ -684,6 +687,7 @@ impl<'r> BlockRun<'r> {
                 .spare
                 .extend(f.tensors.into_iter().filter(|t| !t.is_empty()));
         }
+        self.charge_spare();
         self.cache.clear();
         if let Some(p) = &self.cache_file {
             let _ = std::fs::remove_file(p);
@@ -713,6 +717,9 @@ impl<'r> BlockRun<'r> {
                 (i, self.rt.pool.submit(inline, move || d.read(reuse)))
             })
             .collect();
+        // Buffers the fetch could not reuse are freed now, not kept for later.
+        self.rt.spare.clear();
+        self.rt.spare_charge = None;
         self.next = Some(Fetching {
             layer,
             tickets,
@@ -754,8 +761,16 @@ impl<'r> BlockRun<'r> {
         }
         if let Some(old) = self.current.replace(ready) {
             self.rt.spare = old.tensors.into_iter().filter(|t| !t.is_empty()).collect();
+            self.charge_spare();
         }
         Ok(())
+    }
+
+    /// Charges the spare fetch buffers to the compute tier (they stay allocated for reuse).
+    fn charge_spare(&mut self) {
+        let bytes = self.rt.spare.iter().map(Tensor::nbytes).sum();
+        self.rt.spare_charge = None;
+        self.rt.spare_charge = Some(self.rt.tracker.charge(Tier::Compute, bytes));
     }
 
     fn take_ws(&mut self, seqs: usize, spec: &CacheSpec) -> Vec<PlaneBuf> {

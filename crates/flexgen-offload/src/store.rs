@@ -230,6 +230,8 @@ impl WeightStore {
         let mut done = 0;
         let mut appender: Option<Appender> = None;
         let mut in_place: HashMap<PathBuf, Arc<DiskFile>> = HashMap::new();
+        // A weight two layers share (a tied embedding) is written to disk once.
+        let mut written: HashMap<String, DiskTensor> = HashMap::new();
         let mut charges = Vec::new();
         let mut homes = Vec::with_capacity(layers.len());
         for (layer, tiers) in layers.iter().zip(&plan.tiers) {
@@ -262,6 +264,9 @@ impl WeightStore {
                                 offset: loc.offset,
                                 layout: DiskLayout::Dense { rows, cols, dtype },
                             })
+                        }
+                        _ if written.contains_key(&spec.name) => {
+                            Home::Disk(written[&spec.name].clone())
                         }
                         _ => {
                             let t = Self::load_one(source, spec, compress.as_ref())?;
@@ -305,11 +310,13 @@ impl WeightStore {
                                     )))
                                 }
                             };
-                            Home::Disk(DiskTensor {
+                            let d = DiskTensor {
                                 file: Arc::clone(&app.file),
                                 offset,
                                 layout,
-                            })
+                            };
+                            written.insert(spec.name.clone(), d.clone());
+                            Home::Disk(d)
                         }
                     }
                 } else {
