@@ -27,6 +27,7 @@ pub mod model;
 pub mod placement;
 pub mod policy;
 pub mod schedule;
+pub mod search;
 pub mod store;
 pub mod tensor;
 pub mod tier;

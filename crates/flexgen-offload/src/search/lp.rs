@@ -1,0 +1,199 @@
+//! The placement LP of one block shape (FlexGen's `solve_lp`), solved with `good_lp` on the
+//! pure-Rust `microlp` simplex, and a brute-force grid over the same cost model that
+//! cross-checks it.
+//!
+//! Variables: `wd` (fraction of weights on disk) and `cd` (fraction of the KV cache on disk),
+//! plus one epigraph variable per layer time (prefill and decode, decoder and embedding
+//! layers). On the CPU the compute and host tiers are the same RAM, so the RAM fraction of
+//! each class is `1 − disk`; activations stay in RAM (FlexGen's code pins them off disk too).
+//! Minimize `l·t_pre + t_emb_pre + (n−1)·(l·t_dec + t_emb_dec)` subject to
+//! `t ≥ I/O`, `t ≥ compute` (overlap) or `t ≥ I/O + compute`, `RAM ≤ α·ram` and
+//! `disk ≤ α·disk`. Rows are scaled to seconds and GiB. A cache whole in RAM (used in
+//! place) and a cache partly or wholly on disk (gathered through workspaces) have different
+//! terms, so each is its own LP; a compressed cache cannot be split (the runtime refuses it),
+//! so it is either in RAM or on disk.
+
+use good_lp::{
+    constraint, microlp, variable, Expression, ProblemVariables, ResolutionError, Solution,
+    SolverModel, Variable,
+};
+use serde::Serialize;
+
+use super::cost_model::{CacheMode, CostModel, Lin, Placement, Prediction};
+use super::error::{Result, SearchError};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Memory the placement may use: the limits times the relaxation factor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Capacity {
+    /// RAM bytes.
+    pub ram: f64,
+    /// Disk bytes.
+    pub disk: f64,
+}
+
+impl Capacity {
+    /// Whether `p` fits.
+    pub fn fits(&self, p: &Prediction) -> bool {
+        p.ram_bytes() <= self.ram * (1.0 + 1e-9) && p.peak_bytes[2] <= self.disk * (1.0 + 1e-9)
+    }
+}
+
+/// An optimal placement of one block shape, as fractions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LpSolution {
+    /// Fraction of the weights on disk.
+    pub weights_disk: f64,
+    /// Fraction of the KV cache on disk.
+    pub cache_disk: f64,
+    /// Cache in place or gathered.
+    pub cache_mode: CacheMode,
+    /// The cost model at this placement.
+    pub prediction: Prediction,
+}
+
+/// Finds the best placement fractions of one block shape.
+pub trait PlacementSolver {
+    /// The best placement of `model` within `cap`, or `None` when nothing fits.
+    fn solve(&self, model: &CostModel, cap: &Capacity) -> Result<Option<LpSolution>>;
+}
+
+/// The cache modes and `cd` ranges worth solving for.
+fn cache_options(model: &CostModel) -> Vec<(CacheMode, f64, f64)> {
+    let on_disk = if model.formats().compress_cache {
+        (CacheMode::Gathered, 1.0, 1.0)
+    } else {
+        (CacheMode::Gathered, 0.0, 1.0)
+    };
+    vec![(CacheMode::InPlace, 0.0, 0.0), on_disk]
+}
+
+/// Keeps the faster of two solutions.
+fn better(a: Option<LpSolution>, b: Option<LpSolution>) -> Option<LpSolution> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.prediction.total_s < x.prediction.total_s {
+            y
+        } else {
+            x
+        }),
+        (x, y) => x.or(y),
+    }
+}
+
+/// The LP, one per cache mode, best kept.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lp;
+
+impl PlacementSolver for Lp {
+    fn solve(&self, model: &CostModel, cap: &Capacity) -> Result<Option<LpSolution>> {
+        let mut best = None;
+        for (mode, lo, hi) in cache_options(model) {
+            best = better(best, solve_mode(model, cap, mode, lo, hi)?);
+        }
+        Ok(best)
+    }
+}
+
+/// Brute force: every `(wd, cd)` on a grid of `1/steps`, for tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Grid {
+    /// Grid points per unit (20 = steps of 5%).
+    pub steps: usize,
+}
+
+impl PlacementSolver for Grid {
+    fn solve(&self, model: &CostModel, cap: &Capacity) -> Result<Option<LpSolution>> {
+        let n = self.steps.max(1);
+        let mut best = None;
+        for (mode, lo, hi) in cache_options(model) {
+            for i in 0..=n {
+                let wd = i as f64 / n as f64;
+                for j in 0..=n {
+                    let cd = j as f64 / n as f64;
+                    if cd < lo || cd > hi {
+                        continue;
+                    }
+                    let p = model.evaluate(&Placement::fractions(wd, cd, mode));
+                    if cap.fits(&p) {
+                        best = better(
+                            best,
+                            Some(LpSolution {
+                                weights_disk: wd,
+                                cache_disk: cd,
+                                cache_mode: mode,
+                                prediction: p,
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(best)
+    }
+}
+
+/// `lin` with every weight fraction set to `wd` and the cache fraction to `cd`, scaled.
+fn expr(lin: &Lin, wd: Variable, cd: Variable, scale: f64) -> Expression {
+    let mut e = Expression::from(lin.c / scale);
+    e += ((lin.w + lin.e + lin.f) / scale) * wd;
+    e += (lin.k / scale) * cd;
+    e
+}
+
+/// One LP: cache `mode` with `cd` in `[lo, hi]`.
+pub fn solve_mode(
+    model: &CostModel,
+    cap: &Capacity,
+    mode: CacheMode,
+    lo: f64,
+    hi: f64,
+) -> Result<Option<LpSolution>> {
+    let t = model.terms(mode, false);
+    let l = model.shape().num_layers as f64;
+    let n = model.workload().gen_len as f64;
+    let mut vars = ProblemVariables::new();
+    let wd = vars.add(variable().min(0.0).max(1.0));
+    let cd = vars.add(variable().min(lo).max(hi));
+    let tp = vars.add(variable().min(0.0));
+    let tg = vars.add(variable().min(0.0));
+    let tep = vars.add(variable().min(0.0));
+    let teg = vars.add(variable().min(0.0));
+    // A tiny preference for RAM breaks ties when I/O hides under compute.
+    let tie = 1e-9 * (1.0 + t.prefill_compute.c + n * t.decode_compute.c);
+    let objective: Expression =
+        l * tp + tep + (n - 1.0) * (l * tg) + (n - 1.0) * teg + tie * wd + tie * cd;
+    let mut problem = vars.minimise(objective).using(microlp);
+    for (tv, io, comp) in [
+        (tp, &t.prefill_io, &t.prefill_compute),
+        (tg, &t.decode_io, &t.decode_compute),
+        (tep, &t.embed_io, &t.embed_prefill_compute),
+        (teg, &t.embed_io, &t.embed_decode_compute),
+    ] {
+        if model.overlap() {
+            problem = problem
+                .with(constraint!(tv >= expr(io, wd, cd, 1.0)))
+                .with(constraint!(tv >= expr(comp, wd, cd, 1.0)));
+        } else {
+            problem = problem.with(constraint!(tv >= expr(&(*io + *comp), wd, cd, 1.0)));
+        }
+    }
+    problem = problem
+        .with(constraint!(expr(&t.ram, wd, cd, GIB) <= cap.ram / GIB))
+        .with(constraint!(expr(&t.disk, wd, cd, GIB) <= cap.disk / GIB));
+    match problem.solve() {
+        Ok(sol) => {
+            let w = sol.value(wd).clamp(0.0, 1.0);
+            let c = sol.value(cd).clamp(lo, hi);
+            let prediction = model.evaluate(&Placement::fractions(w, c, mode));
+            Ok(Some(LpSolution {
+                weights_disk: w,
+                cache_disk: c,
+                cache_mode: mode,
+                prediction,
+            }))
+        }
+        Err(ResolutionError::Infeasible) => Ok(None),
+        Err(e) => Err(SearchError::Solver(e.to_string())),
+    }
+}
