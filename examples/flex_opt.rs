@@ -33,7 +33,9 @@ fn str2bool(s: &str) -> std::result::Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "yes" | "true" | "t" | "y" | "1" => Ok(true),
         "no" | "false" | "f" | "n" | "0" => Ok(false),
-        _ => Err(format!("expected a boolean (true/false, yes/no, 1/0), got {s:?}")),
+        _ => Err(format!(
+            "expected a boolean (true/false, yes/no, 1/0), got {s:?}"
+        )),
     }
 }
 

@@ -33,14 +33,21 @@ fn flex_opt(offload: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn json(out: &std::process::Output) -> Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
 }
 
 #[test]
 fn policies_report_tiers_io_and_time() {
     let dir = tempfile::tempdir().unwrap();
-    let ram = json(&flex_opt(dir.path(), &["--gpu-batch-size", "2", "--num-gpu-batches", "2"]));
+    let ram = json(&flex_opt(
+        dir.path(),
+        &["--gpu-batch-size", "2", "--num-gpu-batches", "2"],
+    ));
     assert_eq!(ram["batch_size"], 4);
     assert_eq!(ram["io_read_bytes"], 0);
     assert!(ram["total_throughput_tok_s"].as_f64().unwrap() > 0.0);
@@ -48,8 +55,21 @@ fn policies_report_tiers_io_and_time() {
     let disk = json(&flex_opt(
         dir.path(),
         &[
-            "--gpu-batch-size", "2", "--num-gpu-batches", "2", "--percent", "0", "0", "0", "50", "100", "0",
-            "--overlap", "false", "--sep-layer", "0",
+            "--gpu-batch-size",
+            "2",
+            "--num-gpu-batches",
+            "2",
+            "--percent",
+            "0",
+            "0",
+            "0",
+            "50",
+            "100",
+            "0",
+            "--overlap",
+            "false",
+            "--sep-layer",
+            "0",
         ],
     ));
     let w = disk["weight_bytes"].as_array().unwrap();
@@ -69,9 +89,18 @@ fn policies_report_tiers_io_and_time() {
 fn impossible_policies_are_rejected_naming_the_number() {
     let dir = tempfile::tempdir().unwrap();
     for (args, expect) in [
-        (vec!["--percent", "60", "50", "100", "0", "100", "0"], "--percent wg+wc"),
-        (vec!["--percent", "100", "0", "100", "0", "50", "50"], "--percent hg hc"),
-        (vec!["--percent", "-1", "0", "100", "0", "100", "0"], "--percent wg = -1"),
+        (
+            vec!["--percent", "60", "50", "100", "0", "100", "0"],
+            "--percent wg+wc",
+        ),
+        (
+            vec!["--percent", "100", "0", "100", "0", "50", "50"],
+            "--percent hg hc",
+        ),
+        (
+            vec!["--percent", "-1", "0", "100", "0", "100", "0"],
+            "--percent wg = -1",
+        ),
         (vec!["--gpu-batch-size", "0"], "--gpu-batch-size = 0"),
         (vec!["--attn-sparsity", "1.5"], "--attn-sparsity = 1.5"),
         (vec!["--overlap", "maybe"], "expected a boolean"),
@@ -89,9 +118,27 @@ fn ctrl_c_removes_the_offload_files() {
     let dir = tempfile::tempdir().unwrap();
     // Large enough to still be generating when interrupted: weights on disk, many tokens.
     let mut child = Command::new(example("flex_opt"))
-        .args(["--model", "facebook/opt-125m", "--path", "_DUMMY_", "--offload-dir"])
+        .args([
+            "--model",
+            "facebook/opt-125m",
+            "--path",
+            "_DUMMY_",
+            "--offload-dir",
+        ])
         .arg(dir.path())
-        .args(["--percent", "0", "0", "100", "0", "100", "0", "--prompt-len", "8", "--gen-len", "1500"])
+        .args([
+            "--percent",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "0",
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "1500",
+        ])
         .args(["--gpu-batch-size", "1", "--warmup", "0", "--json"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -107,7 +154,10 @@ fn ctrl_c_removes_the_offload_files() {
         if let Some(p) = found {
             break p;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "no offload files appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no offload files appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     // Let it place the weights and start generating.
