@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   echo "e2e: installing chromium and chromium-driver (Debian packages)"
   apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 fi
 command -v chromium >/dev/null && command -v chromedriver >/dev/null || {
   echo "e2e: error: chromium / chromedriver still missing after apt-get install" >&2
