@@ -66,9 +66,8 @@ struct Args {
     /// Rows (requests' choices) per batch at most.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
-    /// How long an idle engine waits for more requests to join the first one (ms); small
-    /// next to one decode step of a real model on a CPU (hundreds of ms for OPT-1.3B).
-    #[arg(long, default_value_t = 50)]
+    /// How long an idle engine waits for more requests to join the first one (ms).
+    #[arg(long, default_value_t = 5)]
     batch_window_ms: u64,
     /// Rows allowed to wait in the queue; more get 429.
     #[arg(long, default_value_t = 1024)]
@@ -98,8 +97,14 @@ fn load(args: &Args) -> Result<(OptModel, String, PathBuf)> {
     let Some(dir) = &args.model else {
         bail!("give --model DIR or --dummy NAME");
     };
-    let model = OptModel::load(dir, &LoadOptions { dtype })
-        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let model = OptModel::load(
+        dir,
+        &LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let name = dir
         .canonicalize()
         .ok()

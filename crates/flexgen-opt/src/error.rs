@@ -119,6 +119,9 @@ pub enum Error {
     /// The offloading runtime (policy, budgets, disk tier) failed.
     #[error(transparent)]
     Offload(#[from] flexgen_offload::Error),
+    /// Compressing a weight, or a packed kernel, failed.
+    #[error(transparent)]
+    Quant(#[from] flexgen_quant::Error),
 }
 
 /// Result alias of this crate.

@@ -9,11 +9,11 @@
 //! - [`output_logits`]: final LN, `project_out`, logits against the tied token embedding.
 
 use flexgen_core::kernels::{self, AttentionShape};
-use flexgen_core::Matrix;
 
 use crate::config::OptConfig;
 use crate::error::Result;
 use crate::model::{layer_norm, linear};
+use crate::weight::Weight;
 use crate::weights::{LayerNormWeights, Linear};
 
 /// Borrowed weights of one self-attention layer.
@@ -46,11 +46,11 @@ pub struct MlpParams<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct InputParams<'a> {
     /// Token embedding, vocab × word_embed_dim.
-    pub embed_tokens: &'a Matrix,
+    pub embed_tokens: &'a Weight,
     /// Position embedding, (max_positions + 2) × hidden.
-    pub embed_positions: &'a Matrix,
+    pub embed_positions: &'a Weight,
     /// `project_in` when present.
-    pub project_in: Option<&'a Matrix>,
+    pub project_in: Option<&'a Weight>,
 }
 
 /// Borrowed weights of the output head.
@@ -59,9 +59,9 @@ pub struct OutputParams<'a> {
     /// Final layer norm (pre-LN models).
     pub final_layer_norm: Option<&'a LayerNormWeights>,
     /// `project_out` when present.
-    pub project_out: Option<&'a Matrix>,
+    pub project_out: Option<&'a Weight>,
     /// Token embedding (tied lm_head).
-    pub embed_tokens: &'a Matrix,
+    pub embed_tokens: &'a Weight,
 }
 
 /// The KV cache of one layer for the rows of a (micro-)batch: K and V are
@@ -128,13 +128,13 @@ pub fn input_embedding(
     let hd = cfg.hidden_size;
     if let Some(proj) = w.project_in {
         let emb = sized(&mut s.emb, rows * cfg.word_embed_dim());
-        kernels::embedding(w.embed_tokens, tokens, emb)?;
-        kernels::linear(emb, rows, proj, None, x)?;
+        w.embed_tokens.embedding(tokens, emb)?;
+        proj.linear(emb, rows, None, x)?;
     } else {
-        kernels::embedding(w.embed_tokens, tokens, x)?;
+        w.embed_tokens.embedding(tokens, x)?;
     }
     let pos = sized(&mut s.h, rows * hd);
-    kernels::embedding(w.embed_positions, pos_ids, pos)?;
+    w.embed_positions.embedding(pos_ids, pos)?;
     add_assign(x, pos);
     Ok(())
 }
@@ -233,13 +233,13 @@ pub fn output_logits(
     }
     let last: &[f32] = if let Some(proj) = w.project_out {
         let tmp = sized(&mut s.o, rows * cfg.word_embed_dim());
-        kernels::linear(x, rows, proj, None, tmp)?;
+        proj.linear(x, rows, None, tmp)?;
         tmp
     } else {
         x
     };
     logits.resize(rows * cfg.vocab_size, 0.0);
-    kernels::linear(last, rows, w.embed_tokens, None, logits)?;
+    w.embed_tokens.linear(last, rows, None, logits)?;
     Ok(())
 }
 

@@ -40,12 +40,14 @@ pub mod pipeline;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;
+pub mod weight;
 pub mod weights;
 
 pub use chat::{ChatMessage, Role};
 pub use checkpoint::Checkpoint;
 pub use config::OptConfig;
 pub use error::{Error, Result};
+pub use flexgen_quant::CompressionConfig;
 pub use generation::{
     generate, generate_rows, FinishReason, Flow, GenerationConfig, GenerationOutput, TokenEvent,
 };
@@ -56,4 +58,5 @@ pub use pipeline::Pipeline;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{ChatReply, ChatSession, Session, SessionOutput};
 pub use tokenizer::{IncrementalDecoder, OptTokenizer, BOS_TOKEN_ID, PAD_TOKEN_ID};
+pub use weight::{Weight, WeightFormat};
 pub use weights::OptWeights;

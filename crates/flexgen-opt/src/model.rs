@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::BatchState;
 use crate::layers::{self, InputParams, LayerScratch, OutputParams};
 use crate::weights::{LayerNormWeights, Linear, OptWeights};
+use flexgen_quant::CompressionConfig;
 
 /// LayerNorm epsilon of every OPT model.
 pub const LAYER_NORM_EPS: f32 = 1e-5;
@@ -24,6 +25,10 @@ pub const LAYER_NORM_EPS: f32 = 1e-5;
 pub struct LoadOptions {
     /// Store 2-D weights in this dtype (converting at load); `None` keeps the checkpoint's.
     pub dtype: Option<DType>,
+    /// Quantize every 2-D weight (linear layers, embeddings, projections) group-wise as it is
+    /// loaded, e.g. [`CompressionConfig::WEIGHT_4BIT`] (FlexGen's `--compress-weight`); `None`
+    /// keeps them dense. Biases and layer norms stay `f32`.
+    pub compress_weight: Option<CompressionConfig>,
 }
 
 /// Which positions [`OptModel::forward`] returns logits for.
@@ -70,14 +75,26 @@ impl OptModel {
         }
         let config = OptConfig::from_file(dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let weights = OptWeights::load(&config, &ckpt, options.dtype)?;
+        let weights =
+            OptWeights::load_with(&config, &ckpt, options.dtype, options.compress_weight)?;
         Ok(OptModel { config, weights })
     }
 
     /// A model with deterministic dummy weights (benchmarks; outputs are meaningless).
     pub fn dummy(config: OptConfig, dtype: DType, seed: u64) -> Result<Self> {
+        Self::dummy_with(config, dtype, seed, None)
+    }
+
+    /// [`OptModel::dummy`] with every 2-D weight quantized by `compress_weight` as it is
+    /// generated (see [`LoadOptions::compress_weight`]).
+    pub fn dummy_with(
+        config: OptConfig,
+        dtype: DType,
+        seed: u64,
+        compress_weight: Option<CompressionConfig>,
+    ) -> Result<Self> {
         config.validate()?;
-        let weights = OptWeights::dummy(&config, dtype, seed)?;
+        let weights = OptWeights::dummy_with(&config, dtype, seed, compress_weight)?;
         Ok(OptModel { config, weights })
     }
 
@@ -221,8 +238,7 @@ impl OptModel {
 
 /// `out = x · Wᵀ + b` for a model linear layer.
 pub(crate) fn linear(x: &[f32], rows: usize, l: &Linear, out: &mut [f32]) -> Result<()> {
-    kernels::linear(x, rows, &l.weight, l.bias.as_deref(), out)?;
-    Ok(())
+    l.weight.linear(x, rows, l.bias.as_deref(), out)
 }
 
 /// OPT's layer norm (eps 1e-5) with optional affine parameters.

