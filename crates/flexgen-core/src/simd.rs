@@ -20,6 +20,8 @@ pub(crate) mod scalar;
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512_gemm;
 
 /// Instruction-set level used by the crate's kernels, ordered from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,13 +143,33 @@ pub(crate) fn ensure_available(op: &'static str, level: SimdLevel) -> Result<()>
 /// the slices they are given: lengths are taken from the slices (documented per method) and
 /// implementations bound every access by them.
 pub(crate) trait Kern {
-    /// `out[j] = dot(q, rows[j * stride ..][.. q.len()])` for `j < out.len()`.
-    /// Requires `rows.len() >= (out.len() - 1) * stride + q.len()` when `out` is non-empty;
-    /// implementations panic otherwise (slice indexing).
-    unsafe fn dot_rows(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
-    /// `out += sum_j p[j] * rows[j * stride ..][.. out.len()]`, skipping `p[j] == 0`.
-    /// Same length requirement as [`Kern::dot_rows`] with `out.len()` in place of `q.len()`.
-    unsafe fn axpy_rows(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]);
+    /// Attention scores of a group of heads against consecutive cache rows:
+    /// `scores[h * ss + j] = dot(q[h * hd ..][.. hd], keys[j * stride + h * hd ..][.. hd])`
+    /// for `h < q.len() / hd`, `j < n_pos`. Reads each cache row's `q.len()` values once, in
+    /// order. Requires `keys.len() >= (n_pos - 1) * stride + q.len()` and
+    /// `scores.len() >= (heads - 1) * ss + n_pos` when `n_pos > 0` (else panic).
+    unsafe fn head_scores(
+        q: &[f32],
+        hd: usize,
+        keys: &[f32],
+        stride: usize,
+        n_pos: usize,
+        scores: &mut [f32],
+        ss: usize,
+    );
+    /// Weighted sums of value rows for a group of heads: `out[h * hd ..][.. hd] =
+    /// sum_j p[h * ss + j] * vals[j * stride + h * hd ..][.. hd]` for `h < out.len() / hd`,
+    /// `j < n_pos` (`out` is overwritten). Reads each cache row's `out.len()` values once, in
+    /// order. Length requirements as [`Kern::head_scores`] with `p`, `vals`, `out`.
+    unsafe fn head_mix(
+        p: &[f32],
+        ss: usize,
+        vals: &[f32],
+        stride: usize,
+        n_pos: usize,
+        hd: usize,
+        out: &mut [f32],
+    );
     /// Maximum of `x` (`-inf` for an empty slice; NaN handling unspecified).
     unsafe fn max(x: &[f32]) -> f32;
     /// `x[i] = exp(x[i] - shift)` in place; returns the sum of the new values.

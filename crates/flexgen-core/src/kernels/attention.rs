@@ -1,5 +1,7 @@
 //! Multi-head scaled-dot-product attention over a key/value cache.
 
+use std::cell::RefCell;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -9,7 +11,7 @@ use crate::simd::{dispatch, ensure_available, simd_level, Kern, SimdLevel};
 
 const OP: &str = "attention";
 
-/// From this many queries per sequence on, [`head_gemm`] is used.
+/// From this many queries per sequence on, [`head_gemm`] is used (below: [`decode`]).
 const GEMM_MIN_Q: usize = 8;
 /// Queries per GEMM block in [`head_gemm`] (bounds the scores buffer to `Q_BLOCK * kv_len`).
 const Q_BLOCK: usize = 64;
@@ -130,6 +132,10 @@ pub fn attention_with_level(
     if s.batch == 0 || s.q_len == 0 || hidden == 0 {
         return Ok(());
     }
+    if s.q_len < GEMM_MIN_Q {
+        decode(level, q, k, v, key_valid, &s, scale, out);
+        return Ok(());
+    }
     // Per-(sequence, head) results, laid out [batch][head][q_len][head_dim] so that each task
     // owns one contiguous block; scattered into `out` afterwards.
     let block = s.q_len * hd;
@@ -138,7 +144,7 @@ pub fn attention_with_level(
         let (b, h) = (t / s.n_heads, t % s.n_heads);
         // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`.
         dispatch!(level, K => unsafe {
-            head::<K>(q, k, v, key_valid, &s, scale, b, h, scores, dst)
+            head_gemm::<K>(q, k, v, key_valid, &s, scale, b, h, scores, dst)
         })
     };
     if s.batch * s.n_heads == 1 || s.q_len * s.kv_len * hd < 1 << 12 {
@@ -161,60 +167,93 @@ pub fn attention_with_level(
     Ok(())
 }
 
-/// Attention of one (sequence `b`, head `h`) pair into `dst` (`[q_len][head_dim]`).
-///
-/// # Safety
-/// The CPU must support `K`'s SIMD level. Shapes must have passed [`check_args`].
+thread_local! {
+    /// Per-thread attention scores of [`decode`], reused across calls.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Heads per [`decode`] task: the largest divisor of `n_heads` that still gives every
+/// thread about four tasks (`rows` query rows, each split into `n_heads / group` tasks).
+fn decode_group(n_heads: usize, rows: usize, threads: usize) -> usize {
+    let want_tasks_per_row = (4 * threads).div_ceil(rows.max(1)).clamp(1, n_heads);
+    (1..=n_heads)
+        .rev()
+        .find(|&g| n_heads.is_multiple_of(g) && n_heads / g >= want_tasks_per_row)
+        .unwrap_or(1)
+}
+
+/// Few new queries per sequence (decode): each task takes one query row and a group of
+/// heads and streams the cache rows it needs in order, K then V, each row once — the
+/// contiguous `group * head_dim` values of every position — instead of one head at a time
+/// (which would jump `hidden` floats per position). Writes `out` directly; the scores live
+/// in a per-thread buffer. Shapes must have passed [`check_args`], and `q_len >= 1`.
 #[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn head<K: Kern>(
+fn decode(
+    level: SimdLevel,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     key_valid: &[bool],
     s: &AttentionShape,
     scale: f32,
-    b: usize,
-    h: usize,
-    scores: &mut Vec<f32>,
-    dst: &mut [f32],
+    out: &mut [f32],
 ) {
-    if s.q_len >= GEMM_MIN_Q {
-        // SAFETY: forwarded from the caller.
-        unsafe { head_gemm::<K>(q, k, v, key_valid, s, scale, b, h, scores, dst) };
-        return;
-    }
     let (hd, hidden) = (s.head_dim, s.hidden());
-    let valid = &key_valid[b * s.kv_len..(b + 1) * s.kv_len];
-    // Row j of this head's keys/values starts at `j * hidden`.
-    let cache_off = b * s.kv_capacity * hidden + h * hd;
-    let keys = &k[cache_off..];
-    let vals = &v[cache_off..];
-    scores.resize(s.kv_len, 0.0);
-    for (i, o) in dst.chunks_exact_mut(hd).enumerate() {
+    let rows = s.batch * s.q_len;
+    let group = decode_group(s.n_heads, rows, rayon::current_num_threads());
+    let width = group * hd;
+    let groups = s.n_heads / group;
+    // Task `t` = (query row `t / groups`, head group `t % groups`) owns `out[t * width..]`.
+    let task = |(t, dst): (usize, &mut [f32])| {
+        let (row, g) = (t / groups, t % groups);
+        let (b, i) = (row / s.q_len, row % s.q_len);
+        // This query's position; it sees keys `0..=p`.
         let p = s.kv_len - s.q_len + i;
-        let qoff = (b * s.q_len + i) * hidden + h * hd;
-        let qv = &q[qoff..qoff + hd];
-        let sc = &mut scores[..=p];
-        // SAFETY: forwarded from the caller; `keys`/`vals` hold rows `0..kv_len` at stride
-        // `hidden` (checked by `check_args`), and `p < kv_len`.
-        unsafe {
-            K::dot_rows(qv, keys, hidden, sc);
-            for (x, &ok) in sc.iter_mut().zip(valid) {
-                *x = if ok { *x * scale } else { f32::NEG_INFINITY };
+        let n_pos = p + 1;
+        let valid = &key_valid[b * s.kv_len..b * s.kv_len + n_pos];
+        let qv = &q[row * hidden + g * width..][..width];
+        let cache = b * s.kv_capacity * hidden + g * width;
+        let keys = &k[cache..cache + p * hidden + width];
+        let vals = &v[cache..cache + p * hidden + width];
+        let mut run = |scores: &mut [f32]| {
+            // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`;
+            // `keys`/`vals` hold `n_pos` rows of `width` values at stride `hidden`, and
+            // `scores` holds `group` rows of `n_pos`.
+            dispatch!(level, K => unsafe {
+                K::head_scores(qv, hd, keys, hidden, n_pos, scores, n_pos);
+                for row in scores.chunks_exact_mut(n_pos) {
+                    for (x, &ok) in row.iter_mut().zip(valid) {
+                        *x = if ok { *x * scale } else { f32::NEG_INFINITY };
+                    }
+                    softmax_row::<K>(row);
+                }
+                K::head_mix(scores, n_pos, vals, hidden, n_pos, hd, dst);
+            })
+        };
+        let len = group * n_pos;
+        SCORES.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                run(&mut buf[..len]);
             }
-            softmax_row::<K>(sc);
-            o.fill(0.0);
-            K::axpy_rows(sc, vals, hidden, o);
-        }
+            Err(_) => run(&mut vec![0.0; len]),
+        });
+    };
+    if rows * groups == 1 || rows * s.kv_len * hidden < 1 << 15 {
+        out.chunks_mut(width).enumerate().for_each(task);
+    } else {
+        out.par_chunks_mut(width).enumerate().for_each(task);
     }
 }
 
-/// [`head`] for many queries: blocks of `Q_BLOCK` queries use two small GEMMs
+/// Attention of one (sequence `b`, head `h`) pair into `dst` (`[q_len][head_dim]`) for many
+/// queries (prefill): blocks of `Q_BLOCK` queries use two small GEMMs
 /// (`scores = scale * Q Kᵀ`, then `out = P V`) instead of per-key dot products.
 ///
 /// # Safety
-/// As for [`head`].
+/// The CPU must support `K`'s SIMD level. Shapes must have passed [`check_args`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn head_gemm<K: Kern>(
     q: &[f32],

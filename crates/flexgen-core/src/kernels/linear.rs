@@ -30,6 +30,9 @@ const GEMV_MAX_M_F32: usize = 128;
 /// panels + `gemm`).
 const GEMV_MAX_M_HALF: usize = 384;
 
+/// Smallest `m` for which the AVX-512 level uses the packed-panel GEMM.
+const PACKED_MIN_M: usize = 16;
+
 /// Weight elements converted per GEMM panel for `f16`/`bf16` weights (4 MiB of `f32`).
 const PANEL_ELEMS: usize = 1 << 20;
 
@@ -67,31 +70,42 @@ pub fn linear_with_level(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    let max_gemv = match w.dtype() {
+    linear_with_path(level, choose_path(level, m, w.dtype()), x, m, w, bias, out)
+}
+
+/// The algorithm [`linear_with_level`] runs for `m` rows of `x` and weights of `dtype`.
+fn choose_path(level: SimdLevel, m: usize, dtype: DType) -> LinearPath {
+    if level == SimdLevel::Avx512 && m >= PACKED_MIN_M {
+        return LinearPath::Packed;
+    }
+    let max_gemv = match dtype {
         DType::F32 => GEMV_MAX_M_F32,
         DType::F16 | DType::BF16 => GEMV_MAX_M_HALF,
     };
-    let path = if m <= max_gemv {
-        Path::Gemv
+    if m <= max_gemv {
+        LinearPath::Gemv
     } else {
-        Path::Gemm
-    };
-    linear_path(level, path, x, m, w, bias, out)
+        LinearPath::Gemm
+    }
 }
 
-/// Which algorithm [`linear_path`] runs.
+/// The algorithms behind [`linear`], for [`linear_with_path`] (benchmarks and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Path {
+pub enum LinearPath {
     /// SIMD GEMV, parallel over output rows.
     Gemv,
     /// The `gemm` crate (with panel conversion for half-precision weights).
     Gemm,
+    /// The packed-panel GEMM of [`super::panel_gemm`] (AVX-512 only; at other levels this
+    /// runs [`LinearPath::Gemm`]).
+    Packed,
 }
 
-/// [`linear`] with an explicit level and algorithm (tests force both paths).
-pub(crate) fn linear_path(
+/// [`linear`] with an explicit SIMD level and algorithm (an error if the CPU lacks the
+/// level). Meant for benchmarks and tests; [`linear`] picks the algorithm by `m`.
+pub fn linear_with_path(
     level: SimdLevel,
-    path: Path,
+    path: LinearPath,
     x: &[f32],
     m: usize,
     w: &Matrix,
@@ -114,8 +128,13 @@ pub(crate) fn linear_path(
         return Ok(());
     }
     match path {
-        Path::Gemv => gemv(level, x, m, w, bias, out),
-        Path::Gemm => gemm_path(level, x, m, w, bias, out),
+        LinearPath::Gemv => gemv(level, x, m, w, bias, out),
+        #[cfg(target_arch = "x86_64")]
+        LinearPath::Packed if level == SimdLevel::Avx512 => {
+            let micro = super::panel_gemm::Micro::for_weights(w);
+            super::panel_gemm::gemm(x, m, w, bias, out, micro)
+        }
+        LinearPath::Gemm | LinearPath::Packed => gemm_path(level, x, m, w, bias, out),
     }
     Ok(())
 }
@@ -142,15 +161,32 @@ fn check_args(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &[f32]
 
 /// GEMV path. Shapes are valid and `m, n, k > 0`.
 fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let (n, k) = (w.rows(), w.cols());
-    // The kernels write out transposed (`n x m`) so each task owns a contiguous block.
-    let mut tmp = Vec::new();
-    let out_t: &mut [f32] = if m == 1 {
-        out
+    if m == 1 {
+        gemv_t(level, x, 1, w, bias, out);
     } else {
-        tmp.resize(m * n, 0.0);
-        &mut tmp
-    };
+        // The kernels write out transposed (`n x m`) so each task owns a contiguous block.
+        let n = w.rows();
+        with_scratch(m * n, |out_t| {
+            gemv_t(level, x, m, w, bias, out_t);
+            for (j, col) in out_t.chunks_exact(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    out[i * n + j] = v;
+                }
+            }
+        });
+    }
+}
+
+/// [`gemv`] into the transposed output `out_t` (`n x m`).
+fn gemv_t(
+    level: SimdLevel,
+    x: &[f32],
+    m: usize,
+    w: &Matrix,
+    bias: Option<&[f32]>,
+    out_t: &mut [f32],
+) {
+    let (n, k) = (w.rows(), w.cols());
     let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
         let r0 = c * chunk_rows;
         let rows = ot.len() / m;
@@ -184,13 +220,6 @@ fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>,
             .par_chunks_mut(chunk_rows * m)
             .enumerate()
             .for_each(|c| task(c, chunk_rows));
-    }
-    if m > 1 {
-        for (j, col) in tmp.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * n + j] = v;
-            }
-        }
     }
 }
 
@@ -318,6 +347,24 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// Whether `linear_with_path(level, path, ..)` rounds `x` to bf16 for the weights `w` (the
+/// packed GEMM's `vdpbf16ps` micro-kernel, see [`super::panel_gemm`]).
+#[cfg(test)]
+pub(crate) fn rounds_x_to_bf16(level: SimdLevel, path: LinearPath, w: &Matrix) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::panel_gemm::Micro;
+        level == SimdLevel::Avx512
+            && path == LinearPath::Packed
+            && Micro::for_weights(w) == Micro::DotNative
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (level, path, w);
+        false
+    }
+}
+
 /// Scalar reference for [`linear`] (same arguments and errors), accumulating in `f64`.
 pub fn linear_ref(
     x: &[f32],
@@ -349,12 +396,40 @@ pub fn linear_ref(
 mod tests {
     use super::*;
     use crate::error::Error;
-    use crate::kernels::testutil::{assert_close, vec_f32};
+    use crate::kernels::testutil::{assert_close, assert_within_bf16_rounding, vec_f32};
     use crate::simd::available_levels;
     use proptest::prelude::*;
 
     fn tol(k: usize) -> f32 {
         1e-6 * (k as f32).max(10.0)
+    }
+
+    const PATHS: [LinearPath; 3] = [LinearPath::Gemv, LinearPath::Gemm, LinearPath::Packed];
+
+    /// Runs `path` at `level` (or `linear` itself for `None`) and checks the result against
+    /// `want`: within `f32` rounding, or within the documented bound of rounding `x` to
+    /// bf16 where that path does so.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        run: Option<(SimdLevel, LinearPath)>,
+        x: &[f32],
+        m: usize,
+        w: &Matrix,
+        bias: Option<&[f32]>,
+        want: &[f32],
+        what: &str,
+    ) {
+        let mut got = vec![f32::NAN; want.len()];
+        let (level, path) = run.unwrap_or((simd_level(), choose_path(simd_level(), m, w.dtype())));
+        match run {
+            Some((level, path)) => linear_with_path(level, path, x, m, w, bias, &mut got).unwrap(),
+            None => linear(x, m, w, bias, &mut got).unwrap(),
+        }
+        if rounds_x_to_bf16(level, path, w) {
+            assert_within_bf16_rounding(&got, want, x, m, w, what);
+        } else {
+            assert_close(&got, want, tol(w.cols()), what);
+        }
     }
 
     #[test]
@@ -403,10 +478,17 @@ mod tests {
                     .collect();
                 let mut want = vec![0.0; m * n];
                 linear_ref(&x, m, &w, Some(&bias), &mut want).unwrap();
-                for path in [Path::Gemv, Path::Gemm] {
-                    let mut got = vec![0.0; m * n];
-                    linear_path(simd_level(), path, &x, m, &w, Some(&bias), &mut got).unwrap();
-                    assert_close(&got, &want, tol(k), &format!("{dt} m {m} {path:?}"));
+                for path in PATHS {
+                    let run = Some((simd_level(), path));
+                    check(
+                        run,
+                        &x,
+                        m,
+                        &w,
+                        Some(&bias),
+                        &want,
+                        &format!("{dt} m {m} {path:?}"),
+                    );
                 }
             }
         }
@@ -426,14 +508,11 @@ mod tests {
             let w = Matrix::from_f32(n, k, wdata.clone()).unwrap().to_dtype(dt);
             let mut want = vec![0.0; m * n];
             linear_ref(&x, m, &w, None, &mut want).unwrap();
-            let mut got = vec![0.0; m * n];
-            linear(&x, m, &w, None, &mut got).unwrap();
-            assert_close(&got, &want, tol(k), &format!("{dt} default"));
+            check(None, &x, m, &w, None, &want, &format!("{dt} default"));
             for level in available_levels() {
-                for path in [Path::Gemv, Path::Gemm] {
-                    let mut got = vec![0.0; m * n];
-                    linear_path(level, path, &x, m, &w, None, &mut got).unwrap();
-                    assert_close(&got, &want, tol(k), &format!("{level} {dt} {path:?}"));
+                for path in PATHS {
+                    let what = format!("{level} {dt} {path:?}");
+                    check(Some((level, path)), &x, m, &w, None, &want, &what);
                 }
             }
         }
@@ -454,14 +533,11 @@ mod tests {
             let bias = with_bias.then_some(&b[..]);
             let mut want = vec![0.0; m * n];
             linear_ref(&x, m, &w, bias, &mut want).unwrap();
-            let mut got = vec![0.0; m * n];
-            linear(&x, m, &w, bias, &mut got).unwrap();
-            assert_close(&got, &want, tol(k), "linear");
+            check(None, &x, m, &w, bias, &want, "linear");
             for level in available_levels() {
-                for path in [Path::Gemv, Path::Gemm] {
-                    let mut got = vec![f32::NAN; m * n];
-                    linear_path(level, path, &x, m, &w, bias, &mut got).unwrap();
-                    assert_close(&got, &want, tol(k), &format!("{level} {path:?} {dtype} {m}x{k}x{n}"));
+                for path in PATHS {
+                    let what = format!("{level} {path:?} {dtype} {m}x{k}x{n}");
+                    check(Some((level, path)), &x, m, &w, bias, &want, &what);
                 }
             }
         }

@@ -11,6 +11,8 @@ pub mod convert;
 pub mod embedding;
 pub mod layer_norm;
 pub mod linear;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod panel_gemm;
 pub mod softmax;
 
 pub use activation::{relu_inplace, relu_inplace_with_level, relu_ref};
@@ -23,7 +25,7 @@ pub use convert::{
 };
 pub use embedding::{embedding, embedding_ref};
 pub use layer_norm::{layer_norm, layer_norm_ref, layer_norm_with_level};
-pub use linear::{linear, linear_ref, linear_with_level};
+pub use linear::{linear, linear_ref, linear_with_level, linear_with_path, LinearPath};
 pub use softmax::{masked_softmax, masked_softmax_ref, masked_softmax_with_level};
 
 /// Number of elements above which row-wise kernels split their rows across rayon threads.
@@ -37,6 +39,33 @@ pub(crate) mod testutil {
     /// `len` uniform values in [-2, 2).
     pub(crate) fn vec_f32(len: usize) -> impl Strategy<Value = Vec<f32>> {
         proptest::collection::vec(-2.0f32..2.0, len)
+    }
+
+    /// Asserts that `got` (`m x n`) is within the error of rounding `x` (`m x k`) to bf16
+    /// before multiplying by `w` (`n x k`): per output `2^-8 · Σ_l |x_l w_l|`, plus `f32`
+    /// summation error, around the `f32` reference `want`.
+    pub(crate) fn assert_within_bf16_rounding(
+        got: &[f32],
+        want: &[f32],
+        x: &[f32],
+        m: usize,
+        w: &crate::Matrix,
+        what: &str,
+    ) {
+        let (n, k) = (w.rows(), w.cols());
+        let wf = w.to_f32_vec();
+        assert_eq!(got.len(), m * n, "{what}: length");
+        for i in 0..m {
+            for j in 0..n {
+                let abs: f32 = (0..k).map(|l| (x[i * k + l] * wf[j * k + l]).abs()).sum();
+                let bound = abs * 2f32.powi(-8) + 1e-6 * (k as f32).max(10.0) * abs.max(1.0);
+                let (g, e) = (got[i * n + j], want[i * n + j]);
+                assert!(
+                    (g - e).abs() <= bound,
+                    "{what}: ({i}, {j}): got {g}, want {e}, bound {bound}"
+                );
+            }
+        }
     }
 
     /// Asserts `|a - b| <= tol * max(1, |b|)` elementwise.

@@ -122,57 +122,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn axpy_rows(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    let n = out.len();
-    if n == 0 || p.is_empty() {
-        return;
-    }
-    assert!(
-        rows.len() >= (p.len() - 1) * stride + n,
-        "axpy_rows: rows too short"
-    );
-    let rp = rows.as_ptr();
-    let op = out.as_mut_ptr();
-    let mut c = 0;
-    // Blocks of up to 32 outputs stay in four registers while all rows stream past.
-    while c < n {
-        let width = (n - c).min(32);
-        let masks = [
-            mask(width),
-            mask(width.saturating_sub(8)),
-            mask(width.saturating_sub(16)),
-            mask(width.saturating_sub(24)),
-        ];
-        let mut acc = [_mm256_setzero_ps(); 4];
-        // SAFETY: lanes enabled by `masks[v]` are `c + 8 v + l < c + width <= n`, inside
-        // `out`; masked-off lanes are not accessed, and `wrapping_add` keeps the pointer
-        // arithmetic itself defined.
-        for v in 0..4 {
-            acc[v] = unsafe { _mm256_maskload_ps(op.wrapping_add(c + 8 * v), masks[v]) };
-        }
-        for (j, &pj) in p.iter().enumerate() {
-            if pj == 0.0 {
-                continue;
-            }
-            let pv = _mm256_set1_ps(pj);
-            let base = rp.wrapping_add(j * stride + c);
-            for v in 0..4 {
-                // SAFETY: enabled lanes read `rows[j * stride + c + 8 v + l]` with
-                // `c + 8 v + l < n`, in bounds by the assert above.
-                let r = unsafe { _mm256_maskload_ps(base.wrapping_add(8 * v), masks[v]) };
-                acc[v] = _mm256_fmadd_ps(pv, r, acc[v]);
-            }
-        }
-        for v in 0..4 {
-            // SAFETY: as for the loads from `out` above.
-            unsafe { _mm256_maskstore_ps(op.wrapping_add(c + 8 * v), masks[v], acc[v]) };
-        }
-        c += width;
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 fn max(x: &[f32]) -> f32 {
     let n = x.len();
     let p = x.as_ptr();
@@ -439,14 +388,28 @@ fn gemv<T: Load8>(w: &[T], k: usize, x: &[f32], m: usize, out_t: &mut [f32]) {
 
 impl Kern for Avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_rows(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot(q, &rows[j * stride..j * stride + q.len()]);
-        }
+    unsafe fn head_scores(
+        q: &[f32],
+        hd: usize,
+        keys: &[f32],
+        stride: usize,
+        n_pos: usize,
+        scores: &mut [f32],
+        ss: usize,
+    ) {
+        scalar::head_scores_with(|a, b| dot(a, b), q, hd, keys, stride, n_pos, scores, ss)
     }
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn axpy_rows(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        axpy_rows(p, rows, stride, out)
+    unsafe fn head_mix(
+        p: &[f32],
+        ss: usize,
+        vals: &[f32],
+        stride: usize,
+        n_pos: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        scalar::head_mix_with(scalar::axpy, p, ss, vals, stride, n_pos, hd, out)
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn max(x: &[f32]) -> f32 {

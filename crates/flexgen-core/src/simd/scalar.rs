@@ -40,6 +40,61 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Body of [`Kern::head_scores`] given the level's dot product.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_scores_with(
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    q: &[f32],
+    hd: usize,
+    keys: &[f32],
+    stride: usize,
+    n_pos: usize,
+    scores: &mut [f32],
+    ss: usize,
+) {
+    let width = q.len();
+    if hd == 0 || n_pos == 0 {
+        return;
+    }
+    for j in 0..n_pos {
+        let row = &keys[j * stride..j * stride + width];
+        for (h, (qh, kh)) in q.chunks_exact(hd).zip(row.chunks_exact(hd)).enumerate() {
+            scores[h * ss + j] = dot(qh, kh);
+        }
+    }
+}
+
+/// Body of [`Kern::head_mix`] given the level's `y += alpha * x`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_mix_with(
+    axpy: impl Fn(f32, &[f32], &mut [f32]),
+    p: &[f32],
+    ss: usize,
+    vals: &[f32],
+    stride: usize,
+    n_pos: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    let width = out.len();
+    if hd == 0 || n_pos == 0 {
+        return;
+    }
+    for j in 0..n_pos {
+        let row = &vals[j * stride..j * stride + width];
+        for (h, (oh, vh)) in out
+            .chunks_exact_mut(hd)
+            .zip(row.chunks_exact(hd))
+            .enumerate()
+        {
+            axpy(p[h * ss + j], vh, oh);
+        }
+    }
+}
+
 #[inline(always)]
 pub(crate) fn sum(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -217,18 +272,27 @@ fn gemv<T: WeightElem>(w: &[T], k: usize, x: &[f32], m: usize, out_t: &mut [f32]
 }
 
 impl Kern for Scalar {
-    unsafe fn dot_rows(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot(q, &rows[j * stride..j * stride + q.len()]);
-        }
+    unsafe fn head_scores(
+        q: &[f32],
+        hd: usize,
+        keys: &[f32],
+        stride: usize,
+        n_pos: usize,
+        scores: &mut [f32],
+        ss: usize,
+    ) {
+        head_scores_with(dot, q, hd, keys, stride, n_pos, scores, ss)
     }
-    unsafe fn axpy_rows(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        let n = out.len();
-        for (j, &pj) in p.iter().enumerate() {
-            if pj != 0.0 {
-                axpy(pj, &rows[j * stride..j * stride + n], out);
-            }
-        }
+    unsafe fn head_mix(
+        p: &[f32],
+        ss: usize,
+        vals: &[f32],
+        stride: usize,
+        n_pos: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        head_mix_with(axpy, p, ss, vals, stride, n_pos, hd, out)
     }
     unsafe fn max(x: &[f32]) -> f32 {
         max(x)

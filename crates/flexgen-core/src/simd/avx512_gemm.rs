@@ -1,0 +1,425 @@
+//! AVX-512 micro-kernels and packing routines of the packed-panel GEMM
+//! ([`crate::kernels::panel_gemm`]).
+//!
+//! Layouts (all in 32-bit words, `NR` = 32 output columns per panel, `MR` = 12 rows of `x`):
+//! - weight panel, `f32`: `[k][NR]` — 32 consecutive output features per `k`;
+//! - weight panel, bf16 pairs: `[k / 2][NR]` words, each word holding the two bf16 weights
+//!   `(w[j][2p], w[j][2p + 1])` (low half first) — the operand layout of `vdpbf16ps`;
+//! - `x` panel, `f32`: `[k][MR]`; `x` panel, bf16 pairs: `[k / 2][MR]` words.
+//!
+//! A micro-kernel computes one `M x NR` tile (`M <= MR`) of the output over one block of
+//! `k`, with `2 M` accumulators in registers: per `k` it loads two weight vectors and
+//! broadcasts `M` values of `x`.
+//!
+//! Every function needs AVX-512 F/BW/VL (plus FMA/F16C); [`ukr_dot_native`] also needs
+//! AVX512_BF16. Callers check the CPU (see [`crate::simd::SimdLevel`] and
+//! [`has_avx512_bf16`]).
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+/// Output columns per weight panel (two 16-lane vectors).
+pub(crate) const NR: usize = 32;
+/// Rows of `x` per micro-tile (24 accumulators).
+pub(crate) const MR: usize = 12;
+/// Weight-panel words prefetched ahead of the micro-kernel's loads (in `k` steps).
+const PREFETCH_STEPS: usize = 16;
+
+/// Whether the CPU has AVX512_BF16 (`vdpbf16ps`), detected once.
+pub(crate) fn has_avx512_bf16() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bf16")
+    })
+}
+
+/// What a micro-kernel does with the output tile it computed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Init {
+    /// `c = acc`.
+    Zero,
+    /// `c = acc + bias[col]`; the pointer addresses the bias of the tile's first column.
+    Bias(*const f32),
+    /// `c += acc`.
+    Acc,
+}
+
+/// Lane mask with the low `n` lanes set (all 16 for `n >= 16`).
+#[inline(always)]
+fn mask16(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// Writes the `M x NR` accumulator tile to `c` (row stride `ldc`), columns `< nvalid` only.
+///
+/// # Safety
+/// `c.add(r * ldc + j)` must be valid for reading and writing for `r < M`, `j < nvalid`;
+/// with `Init::Bias(b)`, `b.add(j)` valid for reading for `j < nvalid`. AVX-512 F.
+#[inline(always)]
+unsafe fn store_tile<const M: usize>(
+    acc: &[[__m512; 2]; M],
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    nvalid: usize,
+) {
+    let k0 = mask16(nvalid);
+    let k1 = mask16(nvalid.saturating_sub(16));
+    for (r, a) in acc.iter().enumerate() {
+        let cp = c.wrapping_add(r * ldc);
+        let (mut a0, mut a1) = (a[0], a[1]);
+        // SAFETY (all masked accesses): enabled lanes are columns `< nvalid` (caller).
+        unsafe {
+            match init {
+                Init::Zero => {}
+                Init::Bias(b) => {
+                    a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(k0, b));
+                    a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(k1, b.wrapping_add(16)));
+                }
+                Init::Acc => {
+                    a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(k0, cp));
+                    a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(k1, cp.wrapping_add(16)));
+                }
+            }
+            _mm512_mask_storeu_ps(cp, k0, a0);
+            _mm512_mask_storeu_ps(cp.wrapping_add(16), k1, a1);
+        }
+    }
+}
+
+/// Prefetches the output tile (it is read or written at the end of the micro-kernel).
+#[inline(always)]
+fn prefetch_tile<const M: usize>(c: *mut f32, ldc: usize) {
+    for r in 0..M {
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 16).cast());
+        }
+    }
+}
+
+/// Prefetches the weight-panel words of step `p + PREFETCH_STEPS`.
+#[inline(always)]
+fn prefetch_panel(wp: *const u32, p: usize) {
+    let ahead = wp.wrapping_add((p + PREFETCH_STEPS) * NR);
+    // SAFETY: prefetching never faults, whatever the address.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+    }
+}
+
+/// `f32` micro-kernel: `kc` steps over an `f32` weight panel and an `f32` `x` panel.
+///
+/// # Safety
+/// `xp` valid for reading `kc * MR` floats, `wp` for `kc * NR` words; the [`store_tile`]
+/// contract for `c`, `ldc`, `init`, `nvalid`; AVX-512 F/BW/VL, FMA.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn ukr_f32<const M: usize>(
+    kc: usize,
+    xp: *const f32,
+    wp: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    nvalid: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    prefetch_tile::<M>(c, ldc);
+    for p in 0..kc {
+        prefetch_panel(wp, p);
+        // SAFETY: step `p < kc` reads words `p * NR .. p * NR + 32` of `wp` and floats
+        // `p * MR + r` (`r < M <= MR`) of `xp`, inside the caller's bounds.
+        unsafe {
+            let w0 = _mm512_loadu_ps(wp.add(p * NR).cast());
+            let w1 = _mm512_loadu_ps(wp.add(p * NR + 16).cast());
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*xp.add(p * MR + r));
+                a[0] = _mm512_fmadd_ps(w0, xb, a[0]);
+                a[1] = _mm512_fmadd_ps(w1, xb, a[1]);
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile::<M>(&acc, c, ldc, init, nvalid) };
+}
+
+/// Splits a vector of bf16 pairs into the `f32` values of the low (even `k`) and high
+/// (odd `k`) halves. Exact.
+#[inline(always)]
+fn split_pairs(v: __m512i) -> (__m512, __m512) {
+    // SAFETY: register-only operations; AVX-512 F is enabled in every caller.
+    unsafe {
+        (
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+            _mm512_castsi512_ps(_mm512_and_si512(
+                v,
+                _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+            )),
+        )
+    }
+}
+
+/// bf16-pair weights with `f32` activations (exact products, `f32` accumulation):
+/// `kcp` pair steps over a pair panel and an `f32` `x` panel of `2 kcp` steps.
+///
+/// # Safety
+/// `xp` valid for reading `2 * kcp * MR` floats, `wp` for `kcp * NR` words; the
+/// [`store_tile`] contract; AVX-512 F/BW/VL, FMA.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn ukr_pairs_f32x<const M: usize>(
+    kcp: usize,
+    xp: *const f32,
+    wp: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    nvalid: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    prefetch_tile::<M>(c, ldc);
+    for p in 0..kcp {
+        prefetch_panel(wp, p);
+        // SAFETY: pair step `p < kcp` reads words `p * NR .. + 32` of `wp` and floats
+        // `(2p or 2p + 1) * MR + r` (`r < M`) of `xp`, inside the caller's bounds.
+        unsafe {
+            let (e0, o0) = split_pairs(_mm512_loadu_si512(wp.add(p * NR).cast()));
+            let (e1, o1) = split_pairs(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xe = _mm512_set1_ps(*xp.add(2 * p * MR + r));
+                let xo = _mm512_set1_ps(*xp.add((2 * p + 1) * MR + r));
+                a[0] = _mm512_fmadd_ps(e0, xe, a[0]);
+                a[1] = _mm512_fmadd_ps(e1, xe, a[1]);
+                a[0] = _mm512_fmadd_ps(o0, xo, a[0]);
+                a[1] = _mm512_fmadd_ps(o1, xo, a[1]);
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile::<M>(&acc, c, ldc, init, nvalid) };
+}
+
+/// bf16 dot products with `vdpbf16ps`: `kcp` pair steps over a pair panel and a bf16-pair
+/// `x` panel. Per lane and step: `acc += w_odd * x_odd`, then `acc += w_even * x_even`.
+///
+/// # Safety
+/// `xp` valid for reading `kcp * MR` words, `wp` for `kcp * NR` words; the [`store_tile`]
+/// contract; AVX-512 F/BW/VL and AVX512_BF16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+pub(crate) unsafe fn ukr_dot_native<const M: usize>(
+    kcp: usize,
+    xp: *const u32,
+    wp: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    nvalid: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    prefetch_tile::<M>(c, ldc);
+    for p in 0..kcp {
+        prefetch_panel(wp, p);
+        // SAFETY: pair step `p < kcp` reads words `p * NR .. + 32` of `wp` and word
+        // `p * MR + r` (`r < M`) of `xp`, inside the caller's bounds. `__m512bh` and
+        // `__m512i` are both 512-bit vectors (the transmutes reinterpret bits).
+        unsafe {
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR).cast()));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xb: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*xp.add(p * MR + r) as i32));
+                a[0] = _mm512_dpbf16_ps(a[0], w0, xb);
+                a[1] = _mm512_dpbf16_ps(a[1], w1, xb);
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile::<M>(&acc, c, ldc, init, nvalid) };
+}
+
+/// [`ukr_dot_native`] computed with AVX-512 F only (same operands, same order of the two
+/// products per step; differs from `vdpbf16ps` only for subnormals, which it does not
+/// flush). Lets CPUs without AVX512_BF16 test the bf16-activation path.
+///
+/// # Safety
+/// As [`ukr_dot_native`], without the AVX512_BF16 requirement.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn ukr_dot_emulated<const M: usize>(
+    kcp: usize,
+    xp: *const u32,
+    wp: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    nvalid: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    for p in 0..kcp {
+        // SAFETY: as in `ukr_dot_native`.
+        unsafe {
+            let (e0, o0) = split_pairs(_mm512_loadu_si512(wp.add(p * NR).cast()));
+            let (e1, o1) = split_pairs(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let (xe, xo) = split_pairs(_mm512_set1_epi32(*xp.add(p * MR + r) as i32));
+                a[0] = _mm512_fmadd_ps(o0, xo, a[0]);
+                a[0] = _mm512_fmadd_ps(e0, xe, a[0]);
+                a[1] = _mm512_fmadd_ps(o1, xo, a[1]);
+                a[1] = _mm512_fmadd_ps(e1, xe, a[1]);
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile::<M>(&acc, c, ldc, init, nvalid) };
+}
+
+/// Transposes a 16 x 16 block of 32-bit elements held in 16 registers (row `i` in `r[i]`
+/// becomes column `i`).
+#[inline(always)]
+fn transpose16(r: &mut [__m512; 16]) {
+    // SAFETY: register-only shuffles; AVX-512 F is enabled in every caller.
+    unsafe {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for i in 0..2 {
+            for c in 0..4 {
+                t[8 * i + c] = _mm512_shuffle_f32x4::<0x88>(u[8 * i + c], u[8 * i + 4 + c]);
+                t[8 * i + 4 + c] = _mm512_shuffle_f32x4::<0xDD>(u[8 * i + c], u[8 * i + 4 + c]);
+            }
+        }
+        for c in 0..8 {
+            r[c] = _mm512_shuffle_f32x4::<0x88>(t[c], t[8 + c]);
+            r[8 + c] = _mm512_shuffle_f32x4::<0xDD>(t[c], t[8 + c]);
+        }
+    }
+}
+
+/// A row-major weight matrix (`n` rows of `k` elements) as a source of 32-bit panel words.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WeightWords<'a> {
+    /// `f32` weights; one word per element.
+    F32(&'a [f32]),
+    /// `f16` weights converted (exactly) to `f32`; one word per element.
+    F16(&'a [f16]),
+    /// `bf16` weights converted (exactly) to `f32`; one word per element.
+    Bf16AsF32(&'a [bf16]),
+    /// `bf16` weights as pairs; one word per two elements (an odd `k` gets a zero high half
+    /// in its last word).
+    Bf16Pairs(&'a [bf16]),
+}
+
+impl WeightWords<'_> {
+    /// Words per row for rows of `k` elements.
+    pub(crate) fn words_per_row(&self, k: usize) -> usize {
+        match self {
+            WeightWords::Bf16Pairs(_) => k.div_ceil(2),
+            _ => k,
+        }
+    }
+
+    /// Loads `valid <= 16` words of row `j` from word `w` (other lanes zero).
+    ///
+    /// # Safety
+    /// `j < n`, `w + valid <= words_per_row(k)`, the slice holds `n * k` elements;
+    /// AVX-512 F/BW/VL, F16C.
+    #[inline(always)]
+    unsafe fn load(&self, k: usize, j: usize, w: usize, valid: usize) -> __m512 {
+        let km = mask16(valid);
+        // SAFETY (each arm): enabled lanes address elements `j * k + w .. j * k + w +
+        // valid` (or twice that for pairs, clamped to the row end), inside the slice.
+        unsafe {
+            match *self {
+                WeightWords::F32(s) => _mm512_maskz_loadu_ps(km, s.as_ptr().add(j * k + w)),
+                WeightWords::F16(s) => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    km,
+                    s.as_ptr().add(j * k + w).cast(),
+                )),
+                WeightWords::Bf16AsF32(s) => {
+                    let h = _mm256_maskz_loadu_epi16(km, s.as_ptr().add(j * k + w).cast());
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                }
+                WeightWords::Bf16Pairs(s) => {
+                    let elems = (k - 2 * w).min(2 * valid);
+                    let km32: __mmask32 = if elems >= 32 { !0 } else { (1u32 << elems) - 1 };
+                    _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(
+                        km32,
+                        s.as_ptr().add(j * k + 2 * w).cast(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Packs weight rows `j0 .. j0 + np * NR` (rows `>= n` become zeros), words
+/// `w0 .. w0 + kw` (words past the row end become zeros), into `dst` as `np` panels of
+/// `[kw][NR]` words.
+///
+/// # Safety
+/// `src` holds `n * k` elements; `dst.len() >= np * kw * NR`; AVX-512 F/BW/VL, F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_weights(
+    src: WeightWords<'_>,
+    n: usize,
+    k: usize,
+    j0: usize,
+    np: usize,
+    w0: usize,
+    kw: usize,
+    dst: &mut [u32],
+) {
+    assert!(dst.len() >= np * kw * NR, "pack_weights: dst too short");
+    let words = src.words_per_row(k);
+    let d = dst.as_mut_ptr();
+    for pi in 0..np {
+        for half in 0..2 {
+            let jb = j0 + pi * NR + half * 16;
+            let mut wi = 0;
+            while wi < kw {
+                let valid = words.saturating_sub(w0 + wi).min(16).min(kw - wi);
+                let mut r = [_mm512_setzero_ps(); 16];
+                if valid > 0 {
+                    for (i, reg) in r.iter_mut().enumerate() {
+                        if jb + i < n {
+                            // SAFETY: row `jb + i < n`, words `w0 + wi .. + valid` are
+                            // within the row (`valid <= words - w0 - wi`).
+                            *reg = unsafe { src.load(k, jb + i, w0 + wi, valid) };
+                        }
+                    }
+                }
+                transpose16(&mut r);
+                for (c, reg) in r.iter().enumerate().take((kw - wi).min(16)) {
+                    // SAFETY: word `(pi * kw + wi + c) * NR + half * 16 + 0..16` with
+                    // `wi + c < kw`, `pi < np`: inside `dst` (asserted above).
+                    unsafe {
+                        _mm512_storeu_ps(d.add((pi * kw + wi + c) * NR + half * 16).cast(), *reg)
+                    };
+                }
+                wi += 16;
+            }
+        }
+    }
+}
