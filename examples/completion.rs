@@ -13,7 +13,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use flexgen::cli::resolve_tokenizer_dir;
 use flexgen::opt::{GenerationConfig, Pipeline};
@@ -55,8 +55,9 @@ struct Args {
     /// Default: none, or the end of the line with --few-shot.
     #[arg(long)]
     stop: Vec<String>,
-    /// FlexGen's completion app: its two few-shot prompts when no prompt is given, sampled at
-    /// temperature 0.7 and stopped at the end of the line (unless the flags say otherwise).
+    /// FlexGen's completion app: its two few-shot prompts, sampled at temperature 0.7 and
+    /// stopped at the end of the line (unless the flags say otherwise). This is also what runs
+    /// when no prompt is given.
     #[arg(long)]
     few_shot: bool,
     /// Print one JSON object per prompt, in input order: {"prompt", "token_ids", "text"}.
@@ -101,16 +102,16 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot read prompts file {}", file.display()))?;
         prompts.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_string));
     }
-    if prompts.is_empty() && args.few_shot {
+    let few_shot = args.few_shot || prompts.is_empty();
+    if few_shot && prompts.is_empty() {
+        if !args.few_shot {
+            eprintln!(
+                "note: no --prompt or --prompts-file given: running FlexGen's two few-shot prompts"
+            );
+        }
         prompts.extend(FEW_SHOT_PROMPTS.iter().map(|p| p.to_string()));
     }
-    if prompts.is_empty() {
-        bail!(
-            "no prompt given: use --prompt TEXT (repeatable), --prompts-file FILE, or --few-shot \
-             for FlexGen's two few-shot prompts"
-        );
-    }
-    let (default_temperature, default_stop) = if args.few_shot {
+    let (default_temperature, default_stop) = if few_shot {
         (FEW_SHOT_TEMPERATURE, vec!["\n".to_string()])
     } else {
         (0.0, Vec::new())

@@ -78,8 +78,8 @@ fn completion_reports_bad_input_without_panicking() {
         !ok && err.contains("/no/such/model") && !err.contains("panicked"),
         "{err}"
     );
-    let (ok, err) = run(&["--model", model]);
-    assert!(!ok && err.contains("no prompt"), "{err}");
+    let (ok, err) = run(&["--model", model, "--prompts-file", "/no/such/prompts.txt"]);
+    assert!(!ok && err.contains("/no/such/prompts.txt"), "{err}");
     let long = "word ".repeat(100);
     let (ok, err) = run(&["--model", model, "--prompt", &long]);
     assert!(
@@ -88,4 +88,39 @@ fn completion_reports_bad_input_without_panicking() {
     );
     let (ok, err) = run(&["--model", model, "--prompt", "hi", "--top-p", "2"]);
     assert!(!ok && err.contains("top_p"), "{err}");
+}
+
+#[test]
+fn completion_without_prompt_runs_flexgens_few_shot_prompts() {
+    let out = Command::new(example("completion"))
+        .arg("--model")
+        .arg(fixture("tiny-preln-f32"))
+        .args(["--max-new-tokens", "4", "--seed", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("Where were the 2004 Olympics held?"));
+    assert!(lines[1]["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("Extract the airport codes"));
+    for line in &lines {
+        let n = line["token_ids"].as_array().unwrap().len();
+        assert!((1..=4).contains(&n), "{line}");
+        // Sampled replies stop at the end of the line.
+        assert!(!line["text"].as_str().unwrap().contains('\n'), "{line}");
+    }
 }
