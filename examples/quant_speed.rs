@@ -57,24 +57,55 @@ fn build(cfg: &OptConfig, format: &str) -> Result<OptModel> {
         "f16" => OptModel::dummy(cfg.clone(), DType::F16, seed)?,
         "bf16" => OptModel::dummy(cfg.clone(), DType::BF16, seed)?,
         // Quantized from f16 weights, as from an f16 checkpoint.
-        "q4" => OptModel::dummy_with(cfg.clone(), DType::F16, seed, Some(CompressionConfig::WEIGHT_4BIT))?,
-        "q8" => OptModel::dummy_with(cfg.clone(), DType::F16, seed, Some(CompressionConfig::WEIGHT_8BIT))?,
+        "q4" => OptModel::dummy_with(
+            cfg.clone(),
+            DType::F16,
+            seed,
+            Some(CompressionConfig::WEIGHT_4BIT),
+        )?,
+        "q8" => OptModel::dummy_with(
+            cfg.clone(),
+            DType::F16,
+            seed,
+            Some(CompressionConfig::WEIGHT_8BIT),
+        )?,
         other => bail!("unknown format {other:?} (expected f32, f16, bf16, q4 or q8)"),
     })
 }
 
 /// Median seconds per decode step at `batch` rows.
-fn decode_step_seconds(model: &OptModel, batch: usize, prompt_len: usize, steps: usize) -> Result<f64> {
+fn decode_step_seconds(
+    model: &OptModel,
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<f64> {
     let cfg = model.config();
     let mut state = BatchState::new(cfg, batch, prompt_len + steps + 1);
-    let tokens: Vec<u32> = (0..batch * prompt_len).map(|i| 100 + (i as u32 * 7919) % 40000).collect();
+    let tokens: Vec<u32> = (0..batch * prompt_len)
+        .map(|i| 100 + (i as u32 * 7919) % 40000)
+        .collect();
     let mut logits = Vec::new();
-    model.forward(&mut state, &tokens, &vec![true; tokens.len()], prompt_len, LogitsFor::Last, &mut logits)?;
+    model.forward(
+        &mut state,
+        &tokens,
+        &vec![true; tokens.len()],
+        prompt_len,
+        LogitsFor::Last,
+        &mut logits,
+    )?;
     let mut next: Vec<u32> = (0..batch).map(|b| 200 + b as u32).collect();
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t = Instant::now();
-        model.forward(&mut state, &next, &vec![true; batch], 1, LogitsFor::Last, &mut logits)?;
+        model.forward(
+            &mut state,
+            &next,
+            &vec![true; batch],
+            1,
+            LogitsFor::Last,
+            &mut logits,
+        )?;
         times.push(t.elapsed().as_secs_f64());
         for (b, n) in next.iter_mut().enumerate() {
             let row = &logits[b * cfg.vocab_size..(b + 1) * cfg.vocab_size];
@@ -88,8 +119,21 @@ fn decode_step_seconds(model: &OptModel, batch: usize, prompt_len: usize, steps:
 fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = OptConfig::from_name(&args.model)?;
-    println!("model {} (dummy weights), {} threads, prompt {} tokens, median of {} decode steps", args.model, std::thread::available_parallelism().map_or(1, |n| n.get()), args.prompt_len, args.steps);
-    println!("| weights | resident weight bytes (RSS growth) | OptWeights::nbytes | {} |", args.batch.iter().map(|b| format!("B={b} ms/step | B={b} tok/s")).collect::<Vec<_>>().join(" | "));
+    println!(
+        "model {} (dummy weights), {} threads, prompt {} tokens, median of {} decode steps",
+        args.model,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        args.prompt_len,
+        args.steps
+    );
+    println!(
+        "| weights | resident weight bytes (RSS growth) | OptWeights::nbytes | {} |",
+        args.batch
+            .iter()
+            .map(|b| format!("B={b} ms/step | B={b} tok/s"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     println!("|---|---|---|{}", "---|---|".repeat(args.batch.len()));
     for format in &args.formats {
         let before = rss_bytes()?;
@@ -100,7 +144,11 @@ fn main() -> Result<()> {
             let s = decode_step_seconds(&model, b, args.prompt_len, args.steps)?;
             cols.push(format!("{:.1} | {:.1}", s * 1e3, b as f64 / s));
         }
-        println!("| {format} | {resident} | {} | {} |", model.weights().nbytes(), cols.join(" | "));
+        println!(
+            "| {format} | {resident} | {} | {} |",
+            model.weights().nbytes(),
+            cols.join(" | ")
+        );
         drop(model);
     }
     Ok(())
