@@ -9,6 +9,8 @@
 //! # weights on disk (read once per token per block), cache and activations in memory
 //! cargo run --release --example flex_opt -- --model facebook/opt-6.7b --path _DUMMY_ \
 //!     --percent 0 0 100 0 100 0 --gpu-batch-size 8 --num-gpu-batches 4
+//! # let the policy search pick the block shape and placement, then run it
+//! cargo run --release --example flex_opt -- --model facebook/opt-6.7b --policy auto
 //! ```
 //!
 //! `--percent wg wc cg cc hg hc` places weights, KV cache and activations: percent on the
@@ -21,6 +23,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use flexgen::core::DType;
+use flexgen::offload::search::{self as ps, Choice, ModelShape, Prediction, SearchOptions};
 use flexgen::offload::{OffloadOptions, Policy, Tier};
 use flexgen::opt::{Flow, GenerationConfig, OffloadedOpt, OptConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -112,6 +115,12 @@ struct Args {
     /// Print the metrics as one JSON object.
     #[arg(long)]
     json: bool,
+    /// `manual` (the flags above) or `auto`: search the policy with the cost model (see
+    /// examples/policy_search.rs; the hardware profile is calibrated once and reused), within
+    /// the measured available RAM and disk, replacing --gpu-batch-size, --num-gpu-batches and
+    /// --percent, then run it and print predicted vs measured.
+    #[arg(long, default_value = "manual", value_parser = ["manual", "auto"])]
+    policy: String,
 }
 
 /// FlexGen's metrics of one run, plus the offloading costs.
@@ -153,6 +162,8 @@ struct Metrics {
     /// Peak bytes held per tier during the measured block `[compute, host, disk]`.
     peak_tier_bytes: [u64; 3],
     peak_rss_bytes: Option<u64>,
+    /// The cost model's prediction (with `--policy auto`).
+    predicted: Option<Prediction>,
 }
 
 /// Peak resident set size of this process (VmHWM), Linux only.
@@ -184,6 +195,75 @@ fn policy(args: &Args) -> Result<Policy> {
     .with_percent(p);
     policy.validate()?;
     Ok(policy)
+}
+
+/// `--policy auto`: the searched policy for this model and machine, its prediction, and the
+/// weight dtype it was searched for.
+fn auto_policy(args: &Args, dtype: Option<DType>) -> Result<(Policy, Prediction, DType)> {
+    let model_path = Path::new(&args.model);
+    let cfg = match args.path.as_deref() {
+        Some(p) if !p.contains(DUMMY_WEIGHT) => {
+            OptConfig::from_file(Path::new(p).join("config.json"))?
+        }
+        _ if model_path.is_dir() => OptConfig::from_file(model_path.join("config.json"))?,
+        _ => OptConfig::from_name(&args.model)?,
+    };
+    let shape = ModelShape {
+        name: args.model.clone(),
+        num_layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        ffn: cfg.ffn_dim,
+        heads: cfg.num_attention_heads,
+        vocab: cfg.vocab_size,
+        max_positions: cfg.max_position_embeddings,
+        embed_dim: cfg.word_embed_dim(),
+    };
+    let dir = args
+        .offload_dir
+        .clone()
+        .unwrap_or_else(flexgen::offload::default_offload_dir);
+    let path = ps::default_profile_path();
+    let (profile, _) = ps::load_or_calibrate(
+        &path,
+        &dir,
+        false,
+        &ps::CalibrationSettings::default(),
+        &mut |step| eprintln!("calibrating: {step}"),
+    )?;
+    let workload = ps::Workload {
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+    };
+    let mut opts = SearchOptions::new(workload, ps::MemoryLimits::measure(&dir));
+    opts.dtype = dtype
+        .or_else(|| cfg.torch_dtype.as_deref().and_then(|d| d.parse().ok()))
+        .unwrap_or(DType::F16);
+    opts.compress_weight = if args.compress_weight {
+        Choice::On
+    } else {
+        Choice::Off
+    };
+    opts.overlap = args.overlap;
+    opts.sep_layer = args.sep_layer;
+    let found = ps::search(&shape, &profile, &opts)?;
+    let policy = Policy {
+        pin_weight: args.pin_weight,
+        cpu_cache_compute: args.cpu_cache_compute,
+        ..found.policy
+    };
+    eprintln!(
+        "policy auto (profile {}): --gpu-batch-size {} --num-gpu-batches {} --percent {}{}",
+        path.display(),
+        policy.gpu_batch_size,
+        policy.num_gpu_batches,
+        policy.percent().map(|v| v.to_string()).join(" "),
+        if policy.compress_weight {
+            " --compress-weight"
+        } else {
+            ""
+        }
+    );
+    Ok((policy, found.prediction, opts.dtype))
 }
 
 fn load_model(args: &Args, dtype: Option<DType>, policy: &Policy) -> Result<OffloadedOpt> {
@@ -264,13 +344,18 @@ fn main() -> Result<()> {
     if args.prompt_len == 0 || args.gen_len == 0 {
         bail!("--prompt-len and --gen-len must be positive");
     }
-    let policy = policy(&args)?;
     let dtype = args
         .dtype
         .as_deref()
         .map(str::parse::<DType>)
         .transpose()
         .context("--dtype")?;
+    let (policy, predicted, dtype) = if args.policy == "auto" {
+        let (p, pred, d) = auto_policy(&args, dtype)?;
+        (p, Some(pred), Some(d))
+    } else {
+        (policy(&args)?, None, dtype)
+    };
     flexgen::offload::install_interrupt_cleanup()?;
     let t_load = Instant::now();
     let model = load_model(&args, dtype, &policy)?;
@@ -318,9 +403,9 @@ fn main() -> Result<()> {
         prompt_len: args.prompt_len,
         gen_len: args.gen_len,
         batch_size: batch,
-        gpu_batch_size: args.gpu_batch_size,
-        num_gpu_batches: args.num_gpu_batches,
-        percent: args.percent.clone(),
+        gpu_batch_size: policy.gpu_batch_size,
+        num_gpu_batches: policy.num_gpu_batches,
+        percent: policy.percent().to_vec(),
         overlap: policy.overlap,
         sep_layer: policy.sep_layer,
         compress_weight: policy.compress_weight,
@@ -349,6 +434,7 @@ fn main() -> Result<()> {
         io_write_s: stats.io.write_s,
         peak_tier_bytes: stats.peak_bytes,
         peak_rss_bytes: peak_rss_bytes(),
+        predicted,
     };
     if args.json {
         println!("{}", serde_json::to_string(&m)?);
@@ -391,6 +477,16 @@ fn main() -> Result<()> {
             "total latency: {:.3} s\ttotal throughput: {:.3} token/s",
             m.total_latency_s, m.total_throughput_tok_s
         );
+        if let Some(p) = &m.predicted {
+            println!(
+                "predicted: prefill {:.3} s, decode {:.3} s, total throughput {:.3} token/s \
+                 (measured / predicted = {:.2})",
+                p.prefill_s,
+                p.decode_s,
+                p.total_throughput,
+                m.total_throughput_tok_s / p.total_throughput
+            );
+        }
     }
     Ok(())
 }

@@ -78,7 +78,8 @@ struct Args {
     /// A zoo name (facebook/opt-125m ... opt-175b, galactica-30b, opt-iml-*) or a model folder.
     #[arg(long, default_value = "facebook/opt-6.7b")]
     model: String,
-    /// Weights folder, or `_DUMMY_` (passed on to the printed flex_opt command).
+    /// Weights folder, or `_DUMMY_` (passed on to the printed flex_opt command; a zoo name
+    /// without it means dummy weights there).
     #[arg(long)]
     path: Option<String>,
     /// Tokens per prompt.
@@ -250,10 +251,12 @@ fn flex_opt_command(args: &Args, policy: &Policy, dtype: DType) -> String {
         cmd += &format!("tools/memcap.sh {}M -- ", limit >> 20);
     }
     cmd += &format!(
-        "cargo run --release --example flex_opt -- --model {} --path {} --prompt-len {} \
+        "cargo run --release --example flex_opt -- --model {}{} --prompt-len {} \
          --gen-len {} --gpu-batch-size {} --num-gpu-batches {} --percent {} --dtype {dtype}",
         args.model,
-        args.path.as_deref().unwrap_or(DUMMY_WEIGHT),
+        args.path
+            .as_deref()
+            .map_or(String::new(), |p| format!(" --path {p}")),
         args.prompt_len,
         args.gen_len,
         policy.gpu_batch_size,
