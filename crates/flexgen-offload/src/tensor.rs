@@ -302,9 +302,22 @@ impl PlaneBuf {
 
     /// The bytes of a `U8` plane.
     pub fn as_u8_mut(&mut self) -> Result<&mut [u8]> {
+        self.as_u8_vec().map(Vec::as_mut_slice)
+    }
+
+    /// The buffer of a `U8` plane (e.g. to move it into a compressed cache for a step).
+    pub fn as_u8_vec(&mut self) -> Result<&mut Vec<u8>> {
         match self {
             PlaneBuf::U8(v) => Ok(v),
             _ => Err(Error::Model("cache plane is not u8".into())),
+        }
+    }
+
+    /// The buffer of an `F16` plane.
+    pub fn as_f16_vec(&mut self) -> Result<&mut Vec<f16>> {
+        match self {
+            PlaneBuf::F16(v) => Ok(v),
+            _ => Err(Error::Model("cache plane is not f16".into())),
         }
     }
 }

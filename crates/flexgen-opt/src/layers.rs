@@ -139,15 +139,72 @@ pub fn input_embedding(
     Ok(())
 }
 
+/// Where an attention layer keeps its keys and values: [`KvSlot`] (dense `f32`, attended with
+/// [`kernels::attention`]), or another store (a compressed cache, sparse attention) the
+/// offload runtime plugs in.
+pub trait KvStore {
+    /// Tokens stored per sequence before this step.
+    fn kv_len(&self) -> usize;
+    /// Tokens each sequence can hold.
+    fn capacity(&self) -> usize;
+    /// Stores the new tokens' keys and values (`k`, `v`: `[batch, q_len, hidden]`) at
+    /// positions `kv_len()..kv_len() + q_len` of every sequence.
+    fn append(&mut self, k: &[f32], v: &[f32], batch: usize, q_len: usize) -> Result<()>;
+    /// Attention of `q` (`[batch, q_len, hidden]`) over positions `0..shape.kv_len` (the new
+    /// tokens included), with [`kernels::attention`]'s semantics, into `out`.
+    fn attend(
+        &self,
+        q: &[f32],
+        key_valid: &[bool],
+        shape: &AttentionShape,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()>;
+}
+
+impl KvStore for KvSlot<'_> {
+    fn kv_len(&self) -> usize {
+        self.kv_len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn append(&mut self, k: &[f32], v: &[f32], batch: usize, q_len: usize) -> Result<()> {
+        let n = (q_len * batch).max(1);
+        let hd = k.len() / n;
+        for b in 0..batch {
+            let src = b * q_len * hd..(b + 1) * q_len * hd;
+            let dst = (b * self.capacity + self.kv_len) * hd;
+            self.keys[dst..dst + q_len * hd].copy_from_slice(&k[src.clone()]);
+            self.values[dst..dst + q_len * hd].copy_from_slice(&v[src]);
+        }
+        Ok(())
+    }
+
+    fn attend(
+        &self,
+        q: &[f32],
+        key_valid: &[bool],
+        shape: &AttentionShape,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        kernels::attention(q, self.keys, self.values, key_valid, shape, scale, out)?;
+        Ok(())
+    }
+}
+
 /// One self-attention layer over `x` (`[batch, q_len, hidden]`, updated in place): the new
-/// tokens' K/V are written to `kv` at `kv.kv_len..kv.kv_len + q_len`; `key_valid` is
-/// `[batch, kv.kv_len + q_len]`.
-pub fn self_attention(
+/// tokens' K/V are written to `kv` at `kv.kv_len()..kv.kv_len() + q_len`; `key_valid` is
+/// `[batch, kv.kv_len() + q_len]`.
+pub fn self_attention<K: KvStore>(
     cfg: &OptConfig,
     w: AttentionParams<'_>,
     x: &mut [f32],
     q_len: usize,
-    kv: KvSlot<'_>,
+    mut kv: K,
     key_valid: &[bool],
     s: &mut LayerScratch,
 ) -> Result<()> {
@@ -166,23 +223,18 @@ pub fn self_attention(
     linear(h, rows, w.q_proj, q)?;
     linear(h, rows, w.k_proj, k)?;
     linear(h, rows, w.v_proj, v)?;
-    for b in 0..batch {
-        let src = b * q_len * hd..(b + 1) * q_len * hd;
-        let dst = (b * kv.capacity + kv.kv_len) * hd;
-        kv.keys[dst..dst + q_len * hd].copy_from_slice(&k[src.clone()]);
-        kv.values[dst..dst + q_len * hd].copy_from_slice(&v[src]);
-    }
+    kv.append(k, v, batch, q_len)?;
     let shape = AttentionShape {
         batch,
         n_heads: cfg.num_attention_heads,
         head_dim: cfg.head_dim(),
         q_len,
-        kv_len: kv.kv_len + q_len,
-        kv_capacity: kv.capacity,
+        kv_len: kv.kv_len() + q_len,
+        kv_capacity: kv.capacity(),
     };
     let scale = (cfg.head_dim() as f32).powf(-0.5);
     let attn = sized(&mut s.attn, rows * hd);
-    kernels::attention(q, kv.keys, kv.values, key_valid, &shape, scale, attn)?;
+    kv.attend(q, key_valid, &shape, scale, attn)?;
     let o = sized(&mut s.o, rows * hd);
     linear(attn, rows, w.out_proj, o)?;
     add_assign(x, o);

@@ -31,11 +31,14 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use flexgen_core::kernels::AttentionShape;
 use flexgen_core::DType;
 use flexgen_offload::{
     BlockModel, BlockStats, CacheSpec, CacheView, DynError, Elem, FileLocation, LayerSpec,
     OffloadOptions, PlaneSpec, Policy, Runtime, Step, Tensor, TensorKind, WeightSource, WeightSpec,
 };
+use flexgen_quant::{attention_packed, CompressionConfig, PackedKvCache};
+use half::f16;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::OptConfig;
@@ -43,7 +46,7 @@ use crate::error::{Error, Result};
 use crate::generation::{validate_config, validate_prompt, RowDecoder};
 use crate::generation::{FinishReason, Flow, GenerationConfig, GenerationOutput, TokenEvent};
 use crate::layers::{
-    self, AttentionParams, InputParams, KvSlot, LayerScratch, MlpParams, OutputParams,
+    self, AttentionParams, InputParams, KvSlot, KvStore, LayerScratch, MlpParams, OutputParams,
 };
 use crate::sampling::Sampler;
 use crate::tokenizer::{OptTokenizer, PAD_TOKEN_ID};
@@ -198,12 +201,23 @@ impl<'a> Specs<'a> {
     }
 }
 
+/// How attention layers keep and read their KV cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KvMode {
+    /// `f32` keys and values; decode attention keeps the top `sparsity` share of old value
+    /// rows (1.0: dense).
+    Dense { sparsity: f64 },
+    /// Group-wise quantized along head_dim ([`PackedKvCache`]).
+    Packed(CompressionConfig),
+}
+
 /// OPT's layers as the runtime sees them (the [`BlockModel`]).
 #[derive(Debug)]
 pub struct OptLayers {
     cfg: OptConfig,
     kinds: Vec<Kind>,
     specs: Vec<LayerSpec>,
+    kv: KvMode,
 }
 
 impl OptLayers {
@@ -235,14 +249,36 @@ impl OptLayers {
         };
         kinds.push(input);
         specs.push(s.finish("input embedding".into(), None));
+        let kv_mode = if policy.compress_cache {
+            KvMode::Packed(policy.comp_cache_config)
+        } else {
+            KvMode::Dense {
+                sparsity: policy.attn_sparsity,
+            }
+        };
         let kv = Some(CacheSpec {
-            planes: vec![
-                PlaneSpec {
-                    elem: Elem::F32,
-                    per_token: h,
-                };
-                2
-            ],
+            planes: match kv_mode {
+                KvMode::Dense { .. } => vec![
+                    PlaneSpec {
+                        elem: Elem::F32,
+                        per_token: h,
+                    };
+                    2
+                ],
+                KvMode::Packed(c) => {
+                    let (codes, params) =
+                        PackedKvCache::token_layout(&c, cfg.num_attention_heads, cfg.head_dim());
+                    let code_plane = PlaneSpec {
+                        elem: Elem::U8,
+                        per_token: codes,
+                    };
+                    let param_plane = PlaneSpec {
+                        elem: Elem::F16,
+                        per_token: params,
+                    };
+                    vec![code_plane, param_plane, code_plane, param_plane]
+                }
+            },
         });
         for l in 0..cfg.num_hidden_layers {
             if policy.sep_layer {
@@ -276,6 +312,7 @@ impl OptLayers {
             cfg: cfg.clone(),
             kinds,
             specs,
+            kv: kv_mode,
         })
     }
 }
@@ -457,13 +494,6 @@ impl OptLayers {
     ) -> Result<()> {
         let view = cache
             .ok_or_else(|| Error::InvalidRequest("attention layer without a KV cache".into()))?;
-        let (k, v) = view.planes.split_at_mut(1);
-        let kv = KvSlot {
-            keys: k[0].as_f32_mut()?,
-            values: v[0].as_f32_mut()?,
-            capacity: view.capacity,
-            kv_len: view.kv_len,
-        };
         let (q, kk, vv, o) = (
             take_linear(w, a.q),
             take_linear(w, a.k),
@@ -478,15 +508,33 @@ impl OptLayers {
             out_proj: &o,
             layer_norm: &ln,
         };
-        let r = layers::self_attention(
-            &self.cfg,
-            params,
-            &mut b.x,
-            step.q_len,
-            kv,
-            &b.key_valid,
-            &mut b.scratch,
-        );
+        let cfg = &self.cfg;
+        let r = match self.kv {
+            KvMode::Dense { sparsity } => dense_store(view, sparsity).and_then(|kv| {
+                layers::self_attention(
+                    cfg,
+                    params,
+                    &mut b.x,
+                    step.q_len,
+                    kv,
+                    &b.key_valid,
+                    &mut b.scratch,
+                )
+            }),
+            KvMode::Packed(c) => PackedStore::take(view, c, cfg).and_then(|mut kv| {
+                let r = layers::self_attention(
+                    cfg,
+                    params,
+                    &mut b.x,
+                    step.q_len,
+                    &mut kv,
+                    &b.key_valid,
+                    &mut b.scratch,
+                );
+                kv.put_back();
+                r
+            }),
+        };
         put_linear(w, a.q, q);
         put_linear(w, a.k, kk);
         put_linear(w, a.v, vv);
@@ -545,6 +593,243 @@ impl OptLayers {
         }
         put_weight(w, tokens, et);
         r
+    }
+}
+
+/// A dense cache view as a [`KvStore`], with FlexGen's sparse decode attention when
+/// `sparsity < 1`.
+struct DenseStore<'a> {
+    slot: KvSlot<'a>,
+    sparsity: f64,
+}
+
+fn dense_store(view: CacheView<'_>, sparsity: f64) -> Result<DenseStore<'_>> {
+    let (k, v) = view.planes.split_at_mut(1);
+    Ok(DenseStore {
+        slot: KvSlot {
+            keys: k[0].as_f32_mut()?,
+            values: v[0].as_f32_mut()?,
+            capacity: view.capacity,
+            kv_len: view.kv_len,
+        },
+        sparsity,
+    })
+}
+
+impl KvStore for DenseStore<'_> {
+    fn kv_len(&self) -> usize {
+        self.slot.kv_len
+    }
+
+    fn capacity(&self) -> usize {
+        self.slot.capacity
+    }
+
+    fn append(&mut self, k: &[f32], v: &[f32], batch: usize, q_len: usize) -> Result<()> {
+        self.slot.append(k, v, batch, q_len)
+    }
+
+    fn attend(
+        &self,
+        q: &[f32],
+        key_valid: &[bool],
+        shape: &AttentionShape,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        if self.sparsity < 1.0 && shape.q_len == 1 {
+            sparse_decode_attention(
+                q,
+                self.slot.keys,
+                self.slot.values,
+                key_valid,
+                shape,
+                scale,
+                self.sparsity,
+                out,
+            )
+        } else {
+            self.slot.attend(q, key_valid, shape, scale, out)
+        }
+    }
+}
+
+/// FlexGen's sparse decode attention (`attn_sparsity < 1`): softmax over every valid key,
+/// then only the `floor(sparsity · n_old)` old positions with the largest weights (ties to the
+/// earlier position) plus the new token contribute their value rows; the kept weights are not
+/// renormalized. `n_old` counts the row's valid old positions, where FlexGen uses
+/// `kv_len − 1` (padding included): with left padding that would make a row's output depend on
+/// the other prompts of its block. Decode only (`q_len == 1`); `k`, `v`, `key_valid` and `out`
+/// are laid out as for [`flexgen_core::kernels::attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_decode_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_valid: &[bool],
+    shape: &AttentionShape,
+    scale: f32,
+    sparsity: f64,
+    out: &mut [f32],
+) -> Result<()> {
+    let s = *shape;
+    let (hd, hidden) = (s.head_dim, s.n_heads * s.head_dim);
+    let need = |what: &str, got: usize, want: usize| {
+        if got < want {
+            Err(Error::InvalidRequest(format!(
+                "sparse attention: {what} has {got} values, needs {want}"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    if s.q_len != 1 || s.kv_len == 0 || s.kv_len > s.kv_capacity {
+        return Err(Error::InvalidRequest(format!(
+            "sparse attention is for one new token per sequence over 1..=capacity keys, \
+             got q_len {} kv_len {} capacity {}",
+            s.q_len, s.kv_len, s.kv_capacity
+        )));
+    }
+    need("q", q.len(), s.batch * hidden)?;
+    need("out", out.len(), s.batch * hidden)?;
+    need("k", k.len(), s.batch * s.kv_capacity * hidden)?;
+    need("v", v.len(), s.batch * s.kv_capacity * hidden)?;
+    need("key_valid", key_valid.len(), s.batch * s.kv_len)?;
+    let last = s.kv_len - 1;
+    let mut weights = vec![0.0f32; s.kv_len];
+    let mut order: Vec<usize> = Vec::with_capacity(last);
+    for b in 0..s.batch {
+        let valid = &key_valid[b * s.kv_len..(b + 1) * s.kv_len];
+        for h in 0..s.n_heads {
+            let qo = b * hidden + h * hd;
+            let qv = &q[qo..qo + hd];
+            let mut mx = f32::NEG_INFINITY;
+            for (j, w) in weights.iter_mut().enumerate() {
+                *w = f32::NEG_INFINITY;
+                if valid[j] {
+                    let ko = (b * s.kv_capacity + j) * hidden + h * hd;
+                    let d: f32 = qv.iter().zip(&k[ko..ko + hd]).map(|(a, b)| a * b).sum();
+                    *w = d * scale;
+                    mx = mx.max(*w);
+                }
+            }
+            let o = &mut out[qo..qo + hd];
+            o.fill(0.0);
+            if mx == f32::NEG_INFINITY {
+                continue;
+            }
+            let mut sum = 0.0f32;
+            for w in weights.iter_mut() {
+                *w = (*w - mx).exp();
+                sum += *w;
+            }
+            order.clear();
+            order.extend((0..last).filter(|&j| valid[j]));
+            let kept = (sparsity * order.len() as f64).floor() as usize;
+            if kept < order.len() {
+                let by_weight =
+                    |a: &usize, b: &usize| weights[*b].total_cmp(&weights[*a]).then(a.cmp(b));
+                if kept > 0 {
+                    order.select_nth_unstable_by(kept - 1, by_weight);
+                }
+                order.truncate(kept);
+            }
+            order.sort_unstable();
+            for &j in order.iter().chain(valid[last].then_some(&last)) {
+                let p = weights[j] / sum;
+                let vo = (b * s.kv_capacity + j) * hidden + h * hd;
+                for (o, x) in o.iter_mut().zip(&v[vo..vo + hd]) {
+                    *o += p * x;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A compressed cache view as a [`KvStore`]: the planes are moved into a [`PackedKvCache`]
+/// for the step and back after.
+struct PackedStore<'a> {
+    planes: &'a mut [flexgen_offload::PlaneBuf],
+    cache: Option<PackedKvCache>,
+    kv_len: usize,
+}
+
+impl<'a> PackedStore<'a> {
+    fn take(view: CacheView<'a>, config: CompressionConfig, cfg: &OptConfig) -> Result<Self> {
+        let kc = std::mem::take(view.planes[0].as_u8_vec()?);
+        let kp: Vec<f16> = std::mem::take(view.planes[1].as_f16_vec()?);
+        let vc = std::mem::take(view.planes[2].as_u8_vec()?);
+        let vp: Vec<f16> = std::mem::take(view.planes[3].as_f16_vec()?);
+        let cache = PackedKvCache::from_parts(
+            config,
+            view.seqs,
+            cfg.num_attention_heads,
+            cfg.head_dim(),
+            view.capacity,
+            (kc, kp),
+            (vc, vp),
+        )?;
+        Ok(PackedStore {
+            planes: view.planes,
+            cache: Some(cache),
+            kv_len: view.kv_len,
+        })
+    }
+
+    /// Returns the buffers to the runtime's planes.
+    fn put_back(&mut self) {
+        if let Some(c) = self.cache.take() {
+            let ((kc, kp), (vc, vp)) = c.into_parts();
+            self.planes[0] = flexgen_offload::PlaneBuf::U8(kc);
+            self.planes[1] = flexgen_offload::PlaneBuf::F16(kp);
+            self.planes[2] = flexgen_offload::PlaneBuf::U8(vc);
+            self.planes[3] = flexgen_offload::PlaneBuf::F16(vp);
+        }
+    }
+
+    fn cache(&self) -> Result<&PackedKvCache> {
+        self.cache
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("compressed cache already returned".into()))
+    }
+}
+
+impl KvStore for &mut PackedStore<'_> {
+    fn kv_len(&self) -> usize {
+        self.kv_len
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.as_ref().map_or(0, PackedKvCache::capacity)
+    }
+
+    fn append(&mut self, k: &[f32], v: &[f32], _batch: usize, q_len: usize) -> Result<()> {
+        let pos = self.kv_len;
+        match self.cache.as_mut() {
+            Some(c) => Ok(c.store(pos, k, v, q_len)?),
+            None => Err(Error::InvalidRequest(
+                "compressed cache already returned".into(),
+            )),
+        }
+    }
+
+    fn attend(
+        &self,
+        q: &[f32],
+        key_valid: &[bool],
+        shape: &AttentionShape,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        Ok(attention_packed(
+            q,
+            self.cache()?,
+            key_valid,
+            shape,
+            scale,
+            out,
+        )?)
     }
 }
 
@@ -749,21 +1034,6 @@ impl OffloadedOpt {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         policy.validate()?;
-        if policy.compress_cache || policy.attn_sparsity < 1.0 {
-            return Err(Error::from(flexgen_offload::Error::policy(
-                if policy.compress_cache {
-                    "--compress-cache"
-                } else {
-                    "--attn-sparsity"
-                },
-                if policy.compress_cache {
-                    "true".to_string()
-                } else {
-                    policy.attn_sparsity.to_string()
-                },
-                "not supported by the offloaded OPT yet",
-            )));
-        }
         let layers = OptLayers::new(config, tensors, dtype, policy)?;
         let source = Source { tensors, ckpt };
         let runtime = Runtime::new(&layers.specs, &source, policy, options, progress)?;
@@ -930,5 +1200,134 @@ impl OffloadedOpt {
             .into_iter()
             .map(|r| r.into_output(FinishReason::Length))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flexgen_core::kernels::attention_ref;
+
+    /// Straightforward reference: every weight, a full sort, the top `keep` old positions.
+    fn sparse_ref(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        valid: &[bool],
+        s: &AttentionShape,
+        scale: f32,
+        sparsity: f64,
+    ) -> Vec<f32> {
+        let (hd, hidden) = (s.head_dim, s.n_heads * s.head_dim);
+        let mut out = vec![0.0; s.batch * hidden];
+        let last = s.kv_len - 1;
+        for b in 0..s.batch {
+            for h in 0..s.n_heads {
+                let qo = b * hidden + h * hd;
+                let score = |j: usize| {
+                    let ko = (b * s.kv_capacity + j) * hidden + h * hd;
+                    (0..hd).map(|d| q[qo + d] * k[ko + d]).sum::<f32>() * scale
+                };
+                let vj: Vec<usize> = (0..s.kv_len).filter(|&j| valid[b * s.kv_len + j]).collect();
+                if vj.is_empty() {
+                    continue;
+                }
+                let mx = vj
+                    .iter()
+                    .map(|&j| score(j))
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = vj.iter().map(|&j| (score(j) - mx).exp()).sum();
+                let mut old: Vec<usize> = vj.iter().copied().filter(|&j| j < last).collect();
+                let keep = (sparsity * old.len() as f64).floor() as usize;
+                old.sort_by(|&a, &b| {
+                    (score(b) - mx)
+                        .exp()
+                        .total_cmp(&(score(a) - mx).exp())
+                        .then(a.cmp(&b))
+                });
+                old.truncate(keep);
+                if valid[b * s.kv_len + last] {
+                    old.push(last);
+                }
+                for j in old {
+                    let p = (score(j) - mx).exp() / sum;
+                    let vo = (b * s.kv_capacity + j) * hidden + h * hd;
+                    for d in 0..hd {
+                        out[qo + d] += p * v[vo + d];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
+                    / (1 << 24) as f32
+                    - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sparse_attention_keeps_the_top_weights() {
+        for (batch, heads, hd, kv_len, cap) in
+            [(2, 2, 8, 9, 12), (1, 3, 4, 1, 1), (3, 1, 16, 17, 17)]
+        {
+            let s = AttentionShape {
+                batch,
+                n_heads: heads,
+                head_dim: hd,
+                q_len: 1,
+                kv_len,
+                kv_capacity: cap,
+            };
+            let hidden = heads * hd;
+            let q = data(batch * hidden, 1);
+            let k = data(batch * cap * hidden, 2);
+            let v = data(batch * cap * hidden, 3);
+            // Some padding at the start of row 0.
+            let valid: Vec<bool> = (0..batch * kv_len)
+                .map(|i| !(i < kv_len && i < 2 && kv_len > 2))
+                .collect();
+            let scale = 0.7;
+            for sparsity in [0.05, 0.3, 0.5, 0.99] {
+                let mut out = vec![0.0; batch * hidden];
+                sparse_decode_attention(&q, &k, &v, &valid, &s, scale, sparsity, &mut out).unwrap();
+                let want = sparse_ref(&q, &k, &v, &valid, &s, scale, sparsity);
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "sparsity {sparsity}: {a} vs {b}");
+                }
+            }
+            // Keeping every old position is dense attention.
+            let mut all = vec![0.0; batch * hidden];
+            sparse_decode_attention(&q, &k, &v, &valid, &s, scale, 1.0, &mut all).unwrap();
+            let mut dense = vec![0.0; batch * hidden];
+            attention_ref(&q, &k, &v, &valid, &s, scale, &mut dense).unwrap();
+            for (a, b) in all.iter().zip(&dense) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        // Dropping rows loses weight: the output of a tiny sparsity differs from dense.
+        let s = AttentionShape {
+            batch: 1,
+            n_heads: 1,
+            head_dim: 4,
+            q_len: 1,
+            kv_len: 10,
+            kv_capacity: 10,
+        };
+        let (q, k, v) = (data(4, 7), data(40, 8), data(40, 9));
+        let (mut a, mut b) = (vec![0.0; 4], vec![0.0; 4]);
+        sparse_decode_attention(&q, &k, &v, &[true; 10], &s, 1.0, 0.1, &mut a).unwrap();
+        attention_ref(&q, &k, &v, &[true; 10], &s, 1.0, &mut b).unwrap();
+        assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-4));
+        let bad = AttentionShape { q_len: 2, ..s };
+        assert!(sparse_decode_attention(&q, &k, &v, &[true; 10], &bad, 1.0, 0.5, &mut a).is_err());
+        assert!(
+            sparse_decode_attention(&q, &k[..8], &v, &[true; 10], &s, 1.0, 0.5, &mut a).is_err()
+        );
     }
 }

@@ -196,3 +196,107 @@ fn bad_policies_and_requests_are_typed_errors() {
     let stats = model.take_stats();
     assert_eq!(stats.last().unwrap().tokens, 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Policies that change the numerics (compressed cache, sparse attention) have no
+    /// in-memory twin; their tokens must not depend on placement, block shape or overlap.
+    #[test]
+    fn compressed_cache_and_sparse_attention_do_not_depend_on_placement(
+        fixture in 0usize..4,
+        weights in (0u32..=100, 0u32..=100),
+        cache_tier in 0usize..3,
+        act_tier in 0usize..3,
+        gbs in 1usize..4,
+        ngb in 1usize..3,
+        n in 1usize..7,
+        overlap in any::<bool>(),
+        sep_layer in any::<bool>(),
+        sparse in any::<bool>(),
+        gen in 2usize..6,
+        seed in any::<u64>(),
+    ) {
+        let dir = common::fixture(common::FIXTURES[fixture]);
+        let tier = |t: usize| [(100.0, 0.0), (0.0, 100.0), (0.0, 0.0)][t];
+        let (cg, cc) = tier(cache_tier);
+        let (hg, hc) = tier(act_tier);
+        let (wg, wc) = (weights.0 as f64, weights.1.min(100 - weights.0) as f64);
+        let numerics = Policy {
+            compress_cache: !sparse,
+            attn_sparsity: if sparse { 0.5 } else { 1.0 },
+            ..Policy::default()
+        };
+        let policy = Policy {
+            gpu_batch_size: gbs,
+            num_gpu_batches: ngb,
+            overlap,
+            sep_layer,
+            ..numerics.clone()
+        }
+        .with_percent([wg, wc, cg, cc, hg, hc]);
+        let simple = Policy {
+            gpu_batch_size: 8,
+            num_gpu_batches: 1,
+            overlap: false,
+            ..numerics
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let a = OffloadedOpt::load(&dir, None, &simple, &options(&tmp), &mut |_, _| {}).unwrap();
+        let b = OffloadedOpt::load(&dir, None, &policy, &options(&tmp), &mut |_, _| {}).unwrap();
+        let ps = prompts(n, seed, 6);
+        let cfg = GenerationConfig::greedy(gen);
+        let expect = a.generate(&ps, &cfg, None, |_| Flow::Continue).unwrap();
+        let got = b.generate(&ps, &cfg, None, |_| Flow::Continue).unwrap();
+        prop_assert_eq!(ids(&got), ids(&expect));
+    }
+}
+
+#[test]
+fn compressed_cache_is_smaller_and_sparse_attention_changes_decoding() {
+    let dir = common::fixture("tiny-preln-f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |policy: Policy| {
+        let m = OffloadedOpt::load(&dir, None, &policy, &options(&tmp), &mut |_, _| {}).unwrap();
+        let outs = m
+            .generate(
+                &prompts(4, 5, 6),
+                &GenerationConfig::greedy(12),
+                None,
+                |_| Flow::Continue,
+            )
+            .unwrap();
+        (ids(&outs), m.take_stats().pop().unwrap())
+    };
+    let base = Policy {
+        gpu_batch_size: 4,
+        ..Policy::default()
+    }
+    .with_percent([100.0, 0.0, 0.0, 100.0, 100.0, 0.0]);
+    let (dense, sd) = run(base.clone());
+    let (_, sc) = run(Policy {
+        compress_cache: true,
+        comp_cache_config: flexgen_opt::CompressionConfig {
+            group_size: 8,
+            ..flexgen_opt::CompressionConfig::FLEXGEN_CACHE
+        },
+        ..base.clone()
+    });
+    // The host tier holds only the cache here: 4-bit codes plus two f16 per group of 8 (the
+    // fixture's head_dim) instead of f32.
+    assert!(
+        sc.peak_bytes[1] * 2 < sd.peak_bytes[1],
+        "{} vs {}",
+        sc.peak_bytes[1],
+        sd.peak_bytes[1]
+    );
+    let (sparse, _) = run(Policy {
+        attn_sparsity: 0.1,
+        ..base
+    });
+    assert_eq!(sparse.len(), dense.len());
+    assert_ne!(
+        sparse, dense,
+        "keeping 10% of the value rows changed nothing"
+    );
+}

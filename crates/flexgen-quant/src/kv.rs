@@ -114,6 +114,61 @@ impl PackedKvCache {
         })
     }
 
+    /// Bytes of codes and `f16` parameters one position of one sequence takes in each of K
+    /// and V: `(n_heads · groups · group_bytes, n_heads · groups · 2)`. A sequence's positions
+    /// are contiguous, so a cache splits along the batch in whole sequences.
+    pub fn token_layout(
+        config: &CompressionConfig,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> (usize, usize) {
+        let groups = head_dim.div_ceil(config.group_size);
+        (
+            n_heads * groups * config.group_bytes(),
+            n_heads * groups * 2,
+        )
+    }
+
+    /// Rebuilds a cache from the parts [`PackedKvCache::into_parts`] gave (e.g. moved between
+    /// memory tiers by the offload runtime): K codes, K parameters, V codes, V parameters.
+    /// Checks the config and every length against the shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        config: CompressionConfig,
+        batch: usize,
+        n_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        k: (Vec<u8>, Vec<f16>),
+        v: (Vec<u8>, Vec<f16>),
+    ) -> Result<Self> {
+        const OP: &str = "PackedKvCache::from_parts";
+        let empty = Self::new(config, 0, n_heads, head_dim, capacity)?;
+        let (cb, pb) = Self::token_layout(&config, n_heads, head_dim);
+        let tokens = checked_product(OP, &[batch, capacity])?;
+        for (what, codes, params) in [("K", &k.0, &k.1), ("V", &v.0, &v.1)] {
+            check_len(OP, &format!("{what} codes"), codes.len(), tokens * cb)?;
+            check_len(OP, &format!("{what} params"), params.len(), tokens * pb)?;
+        }
+        Ok(PackedKvCache {
+            batch,
+            k: Packed {
+                codes: k.0,
+                params: k.1,
+            },
+            v: Packed {
+                codes: v.0,
+                params: v.1,
+            },
+            ..empty
+        })
+    }
+
+    /// Splits the cache into `((K codes, K params), (V codes, V params))`.
+    pub fn into_parts(self) -> ((Vec<u8>, Vec<f16>), (Vec<u8>, Vec<f16>)) {
+        ((self.k.codes, self.k.params), (self.v.codes, self.v.params))
+    }
+
     /// The compression settings.
     pub fn config(&self) -> &CompressionConfig {
         &self.config
@@ -644,5 +699,38 @@ mod tests {
             let steps: Vec<usize> = std::iter::once(prefill).chain(std::iter::repeat_n(1, decode)).collect();
             check(batch, heads, hd_groups * 24, prefill + decode + 1, &steps, cfg);
         }
+    }
+
+    #[test]
+    fn parts_round_trip_and_are_checked() {
+        let cfg = CompressionConfig::FLEXGEN_CACHE;
+        let (batch, heads, hd, cap) = (2, 3, 40, 5);
+        let mut c = PackedKvCache::new(cfg, batch, heads, hd, cap).unwrap();
+        let k: Vec<f32> = (0..batch * 2 * heads * hd)
+            .map(|i| (i as f32 * 0.13).sin())
+            .collect();
+        let v: Vec<f32> = k.iter().map(|x| x * 0.5 - 0.1).collect();
+        c.store(1, &k, &v, 2).unwrap();
+        let (cb, pb) = PackedKvCache::token_layout(&cfg, heads, hd);
+        let (kp, vp) = c.clone().into_parts();
+        assert_eq!(
+            (kp.0.len(), kp.1.len()),
+            (batch * cap * cb, batch * cap * pb)
+        );
+        let back =
+            PackedKvCache::from_parts(cfg, batch, heads, hd, cap, kp.clone(), vp.clone()).unwrap();
+        let (mut a, mut b) = (
+            vec![0.0; batch * 3 * heads * hd],
+            vec![0.0; batch * 3 * heads * hd],
+        );
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        c.dequantize_into(3, &mut a, &mut b).unwrap();
+        back.dequantize_into(3, &mut a2, &mut b2).unwrap();
+        assert_eq!((a, b), (a2, b2));
+        let short = (kp.0[1..].to_vec(), kp.1.clone());
+        assert!(matches!(
+            PackedKvCache::from_parts(cfg, batch, heads, hd, cap, short, vp),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }
