@@ -58,6 +58,10 @@ struct Packed {
     params: Vec<f16>,
 }
 
+/// One packed plane of a [`PackedKvCache`] (keys or values): its codes and its per-group
+/// `(step, min)` parameters in `f16`.
+pub type PackedPlane = (Vec<u8>, Vec<f16>);
+
 /// Keys and values of one layer for a batch, each `head_dim` vector quantized group-wise.
 ///
 /// Layout: vector `(b, t, h)` (sequence, position, head) is number `(b · capacity + t) ·
@@ -165,7 +169,7 @@ impl PackedKvCache {
     }
 
     /// Splits the cache into `((K codes, K params), (V codes, V params))`.
-    pub fn into_parts(self) -> ((Vec<u8>, Vec<f16>), (Vec<u8>, Vec<f16>)) {
+    pub fn into_parts(self) -> (PackedPlane, PackedPlane) {
         ((self.k.codes, self.k.params), (self.v.codes, self.v.params))
     }
 
