@@ -28,23 +28,24 @@
 //! # Weight grouping: along the input dimension
 //! FlexGen groups a `(out, in)` weight along dim 0 (64 output channels per group within one
 //! input column); we group along dim 1 (64 consecutive inputs of one output row, as GPTQ and
-//! llama.cpp do): [`CompressionConfig::WEIGHT_4BIT`]. Measured (`BENCHMARKS.md`):
-//! - Error, on the real trained weights of all-MiniLM-L6-v2 (36 matrices, 4-bit, groups of 64):
-//!   mean relative Frobenius error 0.0930 along the input dimension vs 0.0888 along the output
-//!   dimension, about 5% lower for FlexGen's grouping; on OPT-style random weights the two are
-//!   equal. Both are far below what moving to 32-value groups buys (0.079).
+//! llama.cpp do): [`CompressionConfig::WEIGHT_4BIT`].
+//! - Error, measured on the real trained weights of all-MiniLM-L6-v2 (40 matrices, 4-bit,
+//!   groups of 64; `tools/quant_accuracy.py`, table in `BENCHMARKS.md`): relative Frobenius
+//!   error over all weights together 0.0919 along the input vs 0.0922 along the output
+//!   dimension; averaged per tensor 0.0952 vs 0.0910 (the gap comes mostly from tiny tensors).
+//!   Halving the group to 32 values (0.080) matters far more than the grouping direction.
 //! - Speed: with groups along the input, each group's 16 possible values form one register
 //!   table, a row's codes and parameters are contiguous, and the dequantized weights are exactly
-//!   the reference decoder's, so the kernel is a table lookup plus an FMA per value. With groups
-//!   along the output, every SIMD lane needs its own `(step, min)` (one vector load of each per
-//!   16 values, shared by 64 rows) or a per-group rescaled copy of `x`; the embedding lookup and
-//!   the KV cache (grouped along `head_dim`, the reduction dimension of `q · k`) would need a
-//!   second kernel family. The fused kernels here serve only `group_dim = 1`; other layouts
-//!   (including FlexGen's `group_dim = 0`, which [`QuantizedTensor`] supports) run through the
-//!   dequantize-a-panel-then-`gemm` path.
+//!   the reference decoder's, so the fused kernel is a table lookup plus an FMA per value
+//!   (4-bit m = 1 runs at 4.4x the `f32` GEMV on the OPT-1.3B fc1 shape, `BENCHMARKS.md`).
+//!   With groups along the output every SIMD lane needs its own `(step, min)`, and the
+//!   embedding lookup and the KV cache (grouped along `head_dim`, the reduction dimension of
+//!   `q · k`) would need a second kernel family. We did not write or time a fused kernel for
+//!   output grouping; [`QuantizedTensor`] supports FlexGen's `group_dim = 0`, which
+//!   [`linear_packed`] runs through its dequantize-a-panel-then-`gemm` path.
 //!
-//! The small accuracy edge of output grouping did not justify a second kernel family; the
-//! model integration therefore compresses every 2-D weight with [`CompressionConfig::WEIGHT_4BIT`].
+//! With equal error and the simpler kernel family, the model integration compresses every 2-D
+//! weight with [`CompressionConfig::WEIGHT_4BIT`].
 //!
 //! # Example
 //! ```
