@@ -9,7 +9,8 @@
 //! | item | purpose |
 //! |------|---------|
 //! | [`Matrix`], [`Storage`], [`DType`] | row-major weights in `f32`/`f16`/`bf16` |
-//! | [`kernels::linear()`] | `y = x · Wᵀ + b` (GEMV-style kernel for small and medium batches, `gemm` for large) |
+//! | [`PanelMatrix`] ([`Matrix::prepack`]) | weights prepacked once for [`kernels::linear_prepacked`] |
+//! | [`kernels::linear()`] | `y = x · Wᵀ + b` (GEMV kernel for decode, packed-panel AVX-512 GEMM for larger batches) |
 //! | [`kernels::layer_norm()`], [`kernels::relu_inplace`] | normalisation and activation |
 //! | [`kernels::masked_softmax`], [`kernels::attention()`] | masked softmax and multi-head attention over a KV cache |
 //! | [`kernels::embedding()`], [`kernels::argmax`] | token embedding gather and greedy pick |
@@ -33,9 +34,11 @@ pub mod dtype;
 pub mod error;
 pub mod kernels;
 pub mod matrix;
+pub mod panel_matrix;
 pub mod simd;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use matrix::{Matrix, Storage};
+pub use panel_matrix::PanelMatrix;
 pub use simd::{simd_level, SimdLevel};

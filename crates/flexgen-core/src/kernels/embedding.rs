@@ -5,6 +5,7 @@ use rayon::prelude::*;
 use super::PAR_MIN_ELEMS;
 use crate::error::{check_len, checked_product, Error, Result};
 use crate::matrix::Matrix;
+use crate::panel_matrix::PanelMatrix;
 
 const OP: &str = "embedding";
 
@@ -31,14 +32,38 @@ pub fn embedding(table: &Matrix, ids: &[u32], out: &mut [f32]) -> Result<()> {
 }
 
 fn check_args(table: &Matrix, ids: &[u32], out: &[f32]) -> Result<()> {
-    let expected = checked_product(OP, &[ids.len(), table.cols()])?;
+    check_dims(table.rows(), table.cols(), ids, out)
+}
+
+fn check_dims(rows: usize, cols: usize, ids: &[u32], out: &[f32]) -> Result<()> {
+    let expected = checked_product(OP, &[ids.len(), cols])?;
     check_len(OP, "out (ids.len() * cols)", out.len(), expected)?;
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.rows()) {
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
         return Err(Error::IndexOutOfRange {
             op: OP,
             index: bad as usize,
-            len: table.rows(),
+            len: rows,
         });
+    }
+    Ok(())
+}
+
+/// [`embedding`] from a prepacked table (e.g. a tied embedding that is also an output
+/// projection); same arguments and errors.
+pub fn embedding_prepacked(table: &PanelMatrix, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    check_dims(table.rows(), table.cols(), ids, out)?;
+    let dim = table.cols();
+    if dim == 0 || ids.is_empty() {
+        return Ok(());
+    }
+    let gather = |(o, &id): (&mut [f32], &u32)| {
+        // Cannot fail: ids and lengths were checked above.
+        let _ = table.row_to_f32(id as usize, o);
+    };
+    if out.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(gather);
+    } else {
+        out.chunks_mut(dim).zip(ids.iter()).for_each(gather);
     }
     Ok(())
 }
@@ -80,6 +105,15 @@ mod tests {
             Err(Error::ShapeMismatch { .. })
         ));
         assert!(embedding(&t, &[], &mut []).is_ok());
+        let p = t.prepack();
+        assert!(matches!(
+            embedding_prepacked(&p, &[0, 3], &mut out),
+            Err(Error::IndexOutOfRange { index: 3, .. })
+        ));
+        assert!(matches!(
+            embedding_prepacked(&p, &[0], &mut out),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 
     #[test]
@@ -91,6 +125,9 @@ mod tests {
         embedding(&t, &ids, &mut a).unwrap();
         embedding_ref(&t, &ids, &mut b).unwrap();
         assert_eq!(a, b);
+        let mut c = vec![2.0; 60 * 700];
+        embedding_prepacked(&t.prepack(), &ids, &mut c).unwrap();
+        assert_eq!(c, b);
     }
 
     proptest! {
@@ -109,7 +146,10 @@ mod tests {
             let mut b = vec![1.0; ids.len() * cols];
             embedding(&t, &ids, &mut a).unwrap();
             embedding_ref(&t, &ids, &mut b).unwrap();
-            prop_assert_eq!(a, b);
+            let mut c = vec![2.0; ids.len() * cols];
+            embedding_prepacked(&t.prepack(), &ids, &mut c).unwrap();
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(c, b);
         }
     }
 }

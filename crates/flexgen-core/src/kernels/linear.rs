@@ -1,14 +1,17 @@
 //! Linear layer `y = x · Wᵀ + b` with `f32`, `f16` or `bf16` weights.
 //!
-//! Small and medium batches use a SIMD GEMV-style kernel that streams `W` from memory once
-//! per block of `x` rows, converting `f16`/`bf16` to `f32` in registers, with rayon
-//! splitting the output rows. Larger batches use the `gemm` crate on `f32`; half-precision
-//! weights are first converted, in panels of output rows, into a reused `f32` scratch buffer.
+//! Three algorithms ([`LinearPath`]), chosen by [`linear`] from the number of rows `m`:
+//! - **GEMV** (`m < 16` on AVX-512; up to 128/384 rows at lower levels): a SIMD kernel that
+//!   streams `W` from memory once per block of `x` rows, converting `f16`/`bf16` to `f32` in
+//!   registers, with rayon splitting the output rows. Memory-bound; used for decode.
+//! - **Packed** (AVX-512, `m >= 16`): the packed-panel GEMM of [`super::panel_gemm`]
+//!   (register-tiled micro-kernels; bf16 weights use `vdpbf16ps` with `x` rounded to bf16 on
+//!   CPUs with AVX512_BF16, see there for the tolerance; everything else is exact `f32`
+//!   arithmetic).
+//! - **Gemm** (levels below AVX-512, larger `m`): the `gemm` crate on `f32`; half-precision
+//!   weights are first converted, in panels of output rows, into a reused `f32` buffer.
 //!
-//! Rough crossover on the 2-core AVX-512 development machine (k = 2048, n = 8192): the GEMV
-//! kernel sustains ~90-110 GFLOP/s for any `m` and the memory bandwidth at `m = 1`; `gemm`
-//! on `f32` weights overtakes it above `m ~ 128` (~125 GFLOP/s at 256, ~150 at 512), and the
-//! converted-panel path for half weights only above `m ~ 384`.
+//! No path allocates per call once its per-thread buffers have grown to the largest shape.
 
 use std::cell::RefCell;
 
@@ -19,6 +22,7 @@ use rayon::prelude::*;
 use crate::dtype::DType;
 use crate::error::{check_len, checked_product, Result};
 use crate::matrix::{Matrix, Storage};
+use crate::panel_matrix::{PanelData, PanelMatrix};
 use crate::simd::scalar::WeightElem;
 use crate::simd::{dispatch, ensure_available, simd_level, Kern, SimdLevel};
 
@@ -39,8 +43,10 @@ const PANEL_ELEMS: usize = 1 << 20;
 /// `out[m, n] = x[m, k] · Wᵀ + bias`, where `w` is `n x k` (`(out_features, in_features)`),
 /// `x` is row-major `m x k`, `out` row-major `m x n`, and `bias` (if any) has length `n`.
 ///
-/// Accumulation is in `f32`; half-precision weights are converted exactly to `f32`.
-/// Returns [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) when a length disagrees.
+/// Accumulation is in `f32`; half-precision weights are converted exactly to `f32`. One
+/// exception: with `bf16` weights, `m >= 16` and a CPU with AVX512_BF16, `x` is rounded to
+/// bf16 for `vdpbf16ps` (error per output at most about `2^-8 · Σ|x_l w_l|`; set
+/// `FLEXGEN_BF16_DOT=0` to keep `x` in `f32`). Returns [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) when a length disagrees.
 ///
 /// ```
 /// use flexgen_core::{kernels::linear, Matrix};
@@ -131,7 +137,7 @@ pub fn linear_with_path(
         LinearPath::Gemv => gemv(level, x, m, w, bias, out),
         #[cfg(target_arch = "x86_64")]
         LinearPath::Packed if level == SimdLevel::Avx512 => {
-            let micro = super::panel_gemm::Micro::for_weights(w);
+            let micro = super::panel_gemm::Micro::for_matrix(w);
             super::panel_gemm::gemm(x, m, w, bias, out, micro)
         }
         LinearPath::Gemm | LinearPath::Packed => gemm_path(level, x, m, w, bias, out),
@@ -140,7 +146,18 @@ pub fn linear_with_path(
 }
 
 fn check_args(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &[f32]) -> Result<()> {
-    let (n, k) = (w.rows(), w.cols());
+    check_dims(x, m, w.rows(), w.cols(), bias, out)
+}
+
+/// Argument checks of a linear layer with an `n x k` weight.
+fn check_dims(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &[f32],
+) -> Result<()> {
     check_len(
         OP,
         "x (m * in_features)",
@@ -157,6 +174,46 @@ fn check_args(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &[f32]
         check_len(OP, "bias (out_features)", b.len(), n)?;
     }
     Ok(())
+}
+
+/// [`linear`] with prepacked weights ([`PanelMatrix`], see [`Matrix::prepack`]): the same
+/// result (the same arithmetic as [`linear`] for the weights' dtype, including the bf16
+/// rounding of `x` where `vdpbf16ps` is used — here for every `m`), without repacking the
+/// weights per call. Decode (`m` of 1 to 8) streams each 32-feature panel sequentially.
+pub fn linear_prepacked(
+    x: &[f32],
+    m: usize,
+    w: &PanelMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    linear_prepacked_with_level(simd_level(), x, m, w, bias, out)
+}
+
+/// [`linear_prepacked`] at an explicit SIMD level (an error if the CPU lacks it). Packed
+/// weights need AVX-512; at a lower level they are unpacked on every call (slow, meant for
+/// tests).
+pub fn linear_prepacked_with_level(
+    level: SimdLevel,
+    x: &[f32],
+    m: usize,
+    w: &PanelMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    ensure_available(OP, level)?;
+    check_dims(x, m, w.rows(), w.cols(), bias, out)?;
+    if let PanelData::RowMajor(mat) = w.data() {
+        return linear_with_level(level, x, m, mat, bias, out);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx512 && m > 0 {
+        // Packed implies `rows, cols > 0` (see `PanelMatrix::from_matrix`).
+        let micro = super::panel_gemm::Micro::for_panels(w).expect("packed panels");
+        super::panel_gemm::gemm_prepacked(x, m, w, bias, out, micro);
+        return Ok(());
+    }
+    linear_with_level(level, x, m, &w.to_matrix(), bias, out)
 }
 
 /// GEMV path. Shapes are valid and `m, n, k > 0`.
@@ -356,7 +413,7 @@ pub(crate) fn rounds_x_to_bf16(level: SimdLevel, path: LinearPath, w: &Matrix) -
         use super::panel_gemm::Micro;
         level == SimdLevel::Avx512
             && path == LinearPath::Packed
-            && Micro::for_weights(w) == Micro::DotNative
+            && Micro::for_matrix(w) == Micro::DotNative
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -406,6 +463,29 @@ mod tests {
 
     const PATHS: [LinearPath; 3] = [LinearPath::Gemv, LinearPath::Gemm, LinearPath::Packed];
 
+    /// [`linear_prepacked`] at every level against `want` (bf16 weights on a CPU with
+    /// AVX512_BF16 round `x` at every `m`).
+    fn check_prepacked(
+        x: &[f32],
+        m: usize,
+        w: &Matrix,
+        bias: Option<&[f32]>,
+        want: &[f32],
+        what: &str,
+    ) {
+        let p = w.clone().prepack();
+        for level in available_levels() {
+            let mut got = vec![f32::NAN; want.len()];
+            linear_prepacked_with_level(level, x, m, &p, bias, &mut got).unwrap();
+            let what = format!("{what} prepacked {level}");
+            if rounds_x_to_bf16(level, LinearPath::Packed, w) && p.is_packed() {
+                assert_within_bf16_rounding(&got, want, x, m, w, &what);
+            } else {
+                assert_close(&got, want, tol(w.cols()), &what);
+            }
+        }
+    }
+
     /// Runs `path` at `level` (or `linear` itself for `None`) and checks the result against
     /// `want`: within `f32` rounding, or within the documented bound of rounding `x` to
     /// bf16 where that path does so.
@@ -436,6 +516,16 @@ mod tests {
     fn errors() {
         let w = Matrix::from_f32(3, 2, vec![0.0; 6]).unwrap();
         let mut out = [0.0; 6];
+        let p = w.clone().prepack();
+        assert!(matches!(
+            linear_prepacked(&[0.0; 3], 2, &p, None, &mut out),
+            Err(Error::ShapeMismatch { op: OP, .. })
+        ));
+        assert!(matches!(
+            linear_prepacked(&[0.0; 4], 2, &p, Some(&[0.0; 2]), &mut out),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(linear_prepacked(&[], 0, &p, None, &mut []).is_ok());
         assert!(matches!(
             linear(&[0.0; 3], 2, &w, None, &mut out),
             Err(Error::ShapeMismatch { op: OP, .. })
@@ -534,6 +624,7 @@ mod tests {
             let mut want = vec![0.0; m * n];
             linear_ref(&x, m, &w, bias, &mut want).unwrap();
             check(None, &x, m, &w, bias, &want, "linear");
+            check_prepacked(&x, m, &w, bias, &want, "linear");
             for level in available_levels() {
                 for path in PATHS {
                     let what = format!("{level} {path:?} {dtype} {m}x{k}x{n}");

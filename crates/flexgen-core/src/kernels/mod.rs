@@ -23,9 +23,12 @@ pub use attention::{
 pub use convert::{
     argmax, bf16_to_f32, bf16_to_f32_with_level, f16_to_f32, f32_to_bf16, f32_to_f16,
 };
-pub use embedding::{embedding, embedding_ref};
+pub use embedding::{embedding, embedding_prepacked, embedding_ref};
 pub use layer_norm::{layer_norm, layer_norm_ref, layer_norm_with_level};
-pub use linear::{linear, linear_ref, linear_with_level, linear_with_path, LinearPath};
+pub use linear::{
+    linear, linear_prepacked, linear_prepacked_with_level, linear_ref, linear_with_level,
+    linear_with_path, LinearPath,
+};
 pub use softmax::{masked_softmax, masked_softmax_ref, masked_softmax_with_level};
 
 /// Number of elements above which row-wise kernels split their rows across rayon threads.

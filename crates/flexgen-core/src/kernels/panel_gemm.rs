@@ -1,45 +1,53 @@
-//! Packed-panel GEMM behind [`linear`](super::linear()) for larger batches (AVX-512 only).
+//! Packed-panel GEMM behind [`linear`](super::linear()) and
+//! [`linear_prepacked`](super::linear_prepacked) (AVX-512 only).
 //!
-//! `out[m, n] = x[m, k] · Wᵀ + bias` with `W` row-major `n x k`, blocked GotoBLAS-style:
-//! `x` is packed once per call into panels of `MR` rows (`f32`, or bf16 pairs), and each
-//! task (a block of `NB` panels of `NR` output features) packs its weights block by block of
-//! `k` into a per-thread buffer that stays in L2, then runs the register-tiled
-//! micro-kernels of [`crate::simd::avx512_gemm`]. Tasks own disjoint column ranges of the
-//! output and are spread over rayon threads. No heap allocation once the per-thread
-//! buffers have grown.
+//! `out[m, n] = x[m, k] · Wᵀ + bias` with `W` `n x k`, blocked GotoBLAS-style: `x` is packed
+//! once per call into panels of up to `MR` rows (`f32`, or bf16 pairs), the weights come in
+//! panels of `NR` output features — either packed block by block of `k` into a per-thread
+//! buffer (row-major [`Matrix`]) or read in place ([`PanelMatrix`]) — and register-tiled
+//! micro-kernels ([`crate::simd::avx512_gemm`]) compute `M x NR` tiles. Tasks own disjoint
+//! tiles of the output and are spread over rayon threads. No heap allocation once the
+//! per-thread buffers have grown.
 //!
 //! Arithmetic per weight type ([`Micro`]):
-//! - `f32` and `f16` weights: `f32` panels (`f16` converted exactly), `f32` FMA — the same
-//!   products as the reference, summed in a different order.
+//! - `f32` and `f16` weights: `f32` FMA on exact `f32` weights — the same products as the
+//!   reference, summed in a different order.
 //! - `bf16` weights on a CPU with AVX512_BF16: `x` rounded to bf16 (nearest-even) and
-//!   `vdpbf16ps` (f32 accumulation), twice the FMA rate. The error is that of rounding `x`:
-//!   per output at most about `2^-8 · Σ|x_l w_l|` (tested against the `f32` reference).
-//!   Set `FLEXGEN_BF16_DOT=0` to keep `x` in `f32` instead.
+//!   `vdpbf16ps` (`f32` accumulation), twice the FMA rate. The error is that of rounding `x`:
+//!   per output at most about `2^-8 · Σ|x_l w_l|` (tested against the `f32` reference). Set
+//!   `FLEXGEN_BF16_DOT=0` to keep `x` in `f32` instead.
 //! - `bf16` weights otherwise: pairs split exactly into `f32`, `f32` FMA (exact products).
 
 use std::cell::RefCell;
 
 use bytemuck::{cast_slice, cast_slice_mut};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::dtype::DType;
 use crate::matrix::{Matrix, Storage};
+use crate::panel_matrix::{PanelData, PanelMatrix};
 use crate::simd::avx512_gemm::{
-    has_avx512_bf16, pack_weights, ukr_dot_emulated, ukr_dot_native, ukr_f32, ukr_pairs_f32x, Init,
-    WeightWords, MR, NR,
+    has_avx512_bf16, pack_weights, ukr_dot_emulated, ukr_dot_native, ukr_f16, ukr_f32,
+    ukr_pairs_f32x, Init, WeightWords, MR, NR,
 };
 
-/// `k` steps (32-bit words of a weight panel) per block: a panel block is `KW * NR * 4` =
+/// `k` steps (words of a weight panel) per block: a panel block is at most `KW * NR * 4` =
 /// 32 KiB, a task's weight block `NB` times that.
 const KW: usize = 256;
 /// Weight panels per task (`NB * NR` = 256 output features).
 const NB: usize = 8;
+/// `x` panels per task when the weights are prepacked (`MB * MR` = 192 rows, whose `KW`
+/// steps of `x` take 192 KiB).
+const MB: usize = 16;
 
 /// Which micro-kernel (and `x` packing) the GEMM uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Micro {
     /// `f32` weight panels (from `f32`, `f16` or `bf16` weights), `f32` `x`.
     F32,
+    /// `f16` weight panels (prepacked `f16` weights), `f32` `x`.
+    F16,
     /// bf16-pair weight panels, `f32` `x` (exact products).
     PairsF32x,
     /// bf16-pair weight panels, bf16-pair `x`, `vdpbf16ps` (needs AVX512_BF16).
@@ -51,12 +59,31 @@ pub(crate) enum Micro {
 }
 
 impl Micro {
-    /// The micro-kernel [`linear`](super::linear()) uses for `w`'s dtype on this CPU.
-    pub(crate) fn for_weights(w: &Matrix) -> Micro {
-        match w.storage() {
-            Storage::BF16(_) if has_avx512_bf16() && bf16_dot_allowed() => Micro::DotNative,
-            Storage::BF16(_) => Micro::PairsF32x,
-            Storage::F32(_) | Storage::F16(_) => Micro::F32,
+    /// The micro-kernel for bf16 weights on this CPU.
+    fn for_bf16() -> Micro {
+        if has_avx512_bf16() && bf16_dot_allowed() {
+            Micro::DotNative
+        } else {
+            Micro::PairsF32x
+        }
+    }
+
+    /// The micro-kernel [`linear`](super::linear()) uses for a row-major `w`.
+    pub(crate) fn for_matrix(w: &Matrix) -> Micro {
+        match w.dtype() {
+            DType::BF16 => Micro::for_bf16(),
+            DType::F32 | DType::F16 => Micro::F32,
+        }
+    }
+
+    /// The micro-kernel [`linear_prepacked`](super::linear_prepacked) uses for `w`'s
+    /// panels (`None` when `w` is row-major).
+    pub(crate) fn for_panels(w: &PanelMatrix) -> Option<Micro> {
+        match w.data() {
+            PanelData::RowMajor(_) => None,
+            PanelData::F32(_) => Some(Micro::F32),
+            PanelData::F16(_) => Some(Micro::F16),
+            PanelData::Bf16Pairs(_) => Some(Micro::for_bf16()),
         }
     }
 
@@ -70,13 +97,16 @@ impl Micro {
         matches!(self, Micro::DotNative | Micro::DotEmulated)
     }
 
-    /// Whether weights are packed as bf16 pairs (one word per two `k`).
+    /// Whether the weight panels hold bf16 pairs (one word per two `k`).
     fn pairs_w(self) -> bool {
-        self != Micro::F32
+        matches!(
+            self,
+            Micro::PairsF32x | Micro::DotNative | Micro::DotEmulated
+        )
     }
 }
 
-/// `FLEXGEN_BF16_DOT` is not `0`/`off`/`false` (read once).
+/// `FLEXGEN_BF16_DOT` is not `0`/`off`/`false`/`no` (read once).
 fn bf16_dot_allowed() -> bool {
     static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ALLOWED.get_or_init(|| {
@@ -115,50 +145,63 @@ fn with_buf<R>(
     })
 }
 
-/// Packs `x` (`m x k`) into `ceil(m / MR)` panels of `[kpad][MR]` floats (as bits; rows
-/// past `m` and steps past `k` are zero).
-fn pack_x_f32(x: &[f32], m: usize, k: usize, kpad: usize, dst: &mut [u32]) {
-    let dst: &mut [f32] = cast_slice_mut(dst);
-    dst.par_chunks_mut(kpad * MR)
-        .enumerate()
-        .for_each(|(ip, panel)| {
-            panel.fill(0.0);
-            let r0 = ip * MR;
-            for r in 0..MR.min(m - r0) {
-                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                for (l, &v) in row.iter().enumerate() {
-                    panel[l * MR + r] = v;
-                }
-            }
-        });
+/// Packed `x`: panel `ip` holds rows `ip * MR ..` (`M = min(MR, m - ip * MR)` of them) as
+/// `[steps][M]` words from word `ip * MR * steps`, where a step is one `k` (`f32`) or one pair
+/// of `k` (bf16 pairs); steps past `k` are zero.
+struct XPanels {
+    /// Steps per panel.
+    steps: usize,
 }
 
-/// Packs `x` rounded to bf16 into panels of `[kpad / 2][MR]` pair words.
-fn pack_x_pairs(x: &[f32], m: usize, k: usize, kpad: usize, dst: &mut [u32]) {
-    let kp = kpad / 2;
-    dst.par_chunks_mut(kp * MR)
-        .enumerate()
-        .for_each(|(ip, panel)| {
-            panel.fill(0);
-            let r0 = ip * MR;
-            for r in 0..MR.min(m - r0) {
-                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                for (p, pair) in row.chunks(2).enumerate() {
-                    let lo = u32::from(bf16::from_f32(pair[0]).to_bits());
-                    let hi = pair
-                        .get(1)
-                        .map_or(0, |&v| u32::from(bf16::from_f32(v).to_bits()));
-                    panel[p * MR + r] = lo | (hi << 16);
-                }
-            }
+impl XPanels {
+    /// Packs `x` (`m x k`) into `dst` (`m * steps` words) with `steps >= k` (`f32`) or
+    /// `steps == ceil(k / 2)` (pairs).
+    fn pack(x: &[f32], m: usize, k: usize, steps: usize, pairs: bool, dst: &mut [u32]) -> XPanels {
+        debug_assert!(if pairs {
+            steps == k.div_ceil(2)
+        } else {
+            steps >= k
         });
+        dst.par_chunks_mut(MR * steps)
+            .enumerate()
+            .for_each(|(ip, panel)| {
+                let r0 = ip * MR;
+                let rows = MR.min(m - r0);
+                for r in 0..rows {
+                    let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                    if pairs {
+                        for (p, pair) in row.chunks(2).enumerate() {
+                            let lo = u32::from(bf16::from_f32(pair[0]).to_bits());
+                            let hi = pair
+                                .get(1)
+                                .map_or(0, |&v| u32::from(bf16::from_f32(v).to_bits()));
+                            panel[p * rows + r] = lo | (hi << 16);
+                        }
+                    } else {
+                        let panel: &mut [f32] = cast_slice_mut(panel);
+                        for (l, &v) in row.iter().enumerate() {
+                            panel[l * rows + r] = v;
+                        }
+                        panel[k * rows..].fill(0.0);
+                    }
+                }
+            });
+        XPanels { steps }
+    }
+
+    /// Words of panel `ip` for steps `s0 .. s0 + count`.
+    fn block<'a>(&self, buf: &'a [u32], m: usize, ip: usize, s0: usize, count: usize) -> &'a [u32] {
+        let rows = MR.min(m - ip * MR);
+        let base = ip * MR * self.steps;
+        &buf[base + s0 * rows..base + (s0 + count) * rows]
+    }
 }
 
-/// The output pointer shared by tasks that write disjoint column ranges.
+/// The output pointer shared by tasks that write disjoint tiles.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their own column range of every row), and the
-// pointer outlives the parallel loop that uses it.
+// SAFETY: tasks write disjoint elements (their own tiles), and the pointer outlives the
+// parallel loop that uses it.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -170,12 +213,23 @@ impl OutPtr {
     }
 }
 
-/// `out = x · Wᵀ (+ bias)` with the packed-panel GEMM.
+/// Where the weight panels come from.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    /// A row-major matrix, packed per task and block of `k` into a per-thread buffer.
+    RowMajor(WeightWords<'a>),
+    /// Prepacked words (`f32` or bf16 pairs): panel `p`, step `s` at `(p * steps + s) * NR`.
+    Words(&'a [u32], usize),
+    /// Prepacked `f16` halves, indexed like [`Weights::Words`].
+    Halves(&'a [f16], usize),
+}
+
+/// `out = x · Wᵀ (+ bias)` for a row-major `w` with the packed-panel GEMM.
 ///
 /// Requirements (checked by [`linear`](super::linear())'s argument validation): `x` is
 /// `m x k`, `w` is `n x k`, `out` is `m x n`, `bias` has `n` elements, and `m, n, k > 0`.
-/// The caller must have checked that the CPU supports AVX-512 (F/BW/VL, FMA, F16C) and
-/// that `micro` is available ([`Micro::is_available`]); otherwise this panics.
+/// Panics unless the CPU supports AVX-512 (F/BW/VL, FMA, F16C) and `micro`
+/// ([`Micro::is_available`]), and `micro` suits `w`'s dtype.
 pub(crate) fn gemm(
     x: &[f32],
     m: usize,
@@ -184,15 +238,6 @@ pub(crate) fn gemm(
     out: &mut [f32],
     micro: Micro,
 ) {
-    let (n, k) = (w.rows(), w.cols());
-    assert!(
-        crate::SimdLevel::Avx512.is_available() && micro.is_available(),
-        "panel_gemm: CPU lacks the instructions of {micro:?}"
-    );
-    assert!(x.len() == m * k && out.len() == m * n && m > 0 && n > 0 && k > 0);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n);
-    }
     let src = match (w.storage(), micro.pairs_w()) {
         (Storage::F32(d), false) => WeightWords::F32(d),
         (Storage::F16(d), false) => WeightWords::F16(d),
@@ -203,60 +248,148 @@ pub(crate) fn gemm(
             s.dtype()
         ),
     };
-    let kpad = k.next_multiple_of(2);
+    assert!(
+        micro != Micro::F16,
+        "panel_gemm: F16 needs prepacked f16 panels"
+    );
+    run(
+        x,
+        m,
+        w.rows(),
+        w.cols(),
+        Weights::RowMajor(src),
+        bias,
+        out,
+        micro,
+    );
+}
+
+/// `out = x · Wᵀ (+ bias)` for prepacked panels, with `micro` suiting their type (see
+/// [`Micro::for_panels`]; for bf16 pairs any of the pair micro-kernels). Requirements as
+/// [`gemm`]; panics for a row-major `w`.
+pub(crate) fn gemm_prepacked(
+    x: &[f32],
+    m: usize,
+    w: &PanelMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    micro: Micro,
+) {
+    let k = w.cols();
+    let weights = match (w.data(), micro) {
+        (PanelData::F32(d), Micro::F32) => Weights::Words(cast_slice(d), k),
+        (PanelData::F16(d), Micro::F16) => Weights::Halves(d, k),
+        (PanelData::Bf16Pairs(d), u) if u.pairs_w() => Weights::Words(d, k.div_ceil(2)),
+        _ => panic!("panel_gemm: {micro:?} does not suit these panels"),
+    };
+    debug_assert_eq!(w.panels(), w.rows().div_ceil(NR));
+    run(x, m, w.rows(), k, weights, bias, out, micro);
+}
+
+/// The blocked loops shared by [`gemm`] and [`gemm_prepacked`].
+#[allow(clippy::too_many_arguments)]
+fn run(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    weights: Weights<'_>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    micro: Micro,
+) {
+    assert!(
+        crate::SimdLevel::Avx512.is_available() && micro.is_available(),
+        "panel_gemm: CPU lacks the instructions of {micro:?}"
+    );
+    assert!(x.len() == m * k && out.len() == m * n && m > 0 && n > 0 && k > 0);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n);
+    }
+    // Weight steps per row (words, or halves for f16 panels).
+    let wsteps = if micro.pairs_w() { k.div_ceil(2) } else { k };
+    // x steps per weight step (f32 x against pair panels reads two k per step).
+    let xper = if micro.pairs_w() && !micro.pairs_x() {
+        2
+    } else {
+        1
+    };
     let m_panels = m.div_ceil(MR);
-    // Words of one packed x panel; words per k step of x and of the weights.
-    let x_words = if micro.pairs_x() { kpad / 2 } else { kpad } * MR;
-    let kwords = src.words_per_row(k);
     let n_panels = n.div_ceil(NR);
-    let tasks = n_panels.div_ceil(NB);
+    let col_tasks = n_panels.div_ceil(NB);
+    // Row blocks only when the weights need no packing (else each block would repack them).
+    let mb = match weights {
+        Weights::RowMajor(_) => m_panels,
+        _ => MB,
+    };
+    let row_tasks = m_panels.div_ceil(mb);
+    let tasks = col_tasks * row_tasks;
     let outp = OutPtr(out.as_mut_ptr());
-    with_buf(&X_PACK, m_panels * x_words, |xbuf| {
-        if micro.pairs_x() {
-            pack_x_pairs(x, m, k, kpad, xbuf);
-        } else {
-            pack_x_f32(x, m, k, kpad, xbuf);
-        }
+    let x_steps = if micro.pairs_x() {
+        k.div_ceil(2)
+    } else {
+        wsteps * xper
+    };
+    with_buf(&X_PACK, m * x_steps, |xbuf| {
+        let xp = XPanels::pack(x, m, k, x_steps, micro.pairs_x(), xbuf);
         let xbuf: &[u32] = xbuf;
         let task = |t: usize| {
-            let p0 = t * NB;
+            let (ct, rt) = (t % col_tasks, t / col_tasks);
+            let p0 = ct * NB;
             let np = NB.min(n_panels - p0);
-            with_buf(&W_PACK, np * KW.min(kwords) * NR, |wbuf| {
-                let mut w0 = 0;
-                while w0 < kwords {
-                    let kw = KW.min(kwords - w0);
-                    // SAFETY: AVX-512 checked above; `src` holds `n * k` elements (a
-                    // `Matrix` invariant); `wbuf` has `np * kw * NR` words or more.
-                    unsafe { pack_weights(src, n, k, p0 * NR, np, w0, kw, wbuf) };
+            let (ip0, ip1) = (rt * mb, m_panels.min((rt + 1) * mb));
+            let pack_len = match weights {
+                Weights::RowMajor(_) => np * KW.min(wsteps) * NR,
+                _ => 0,
+            };
+            with_buf(&W_PACK, pack_len, |wbuf| {
+                let mut s0 = 0;
+                while s0 < wsteps {
+                    let kw = KW.min(wsteps - s0);
+                    if let Weights::RowMajor(src) = weights {
+                        // SAFETY: AVX-512 checked above; `src` holds `n * k` elements (a
+                        // `Matrix` invariant); `wbuf` has `np * kw * NR` words or more.
+                        unsafe { pack_weights(src, n, k, p0 * NR, np, s0, kw, wbuf) };
+                    }
                     for pi in 0..np {
                         let col = (p0 + pi) * NR;
                         let nvalid = NR.min(n - col);
-                        let wp = wbuf[pi * kw * NR..(pi + 1) * kw * NR].as_ptr();
-                        let init = match (w0, bias) {
+                        let init = match (s0, bias) {
                             (0, Some(b)) => Init::Bias(b[col..].as_ptr()),
                             (0, None) => Init::Zero,
                             _ => Init::Acc,
                         };
-                        for ip in 0..m_panels {
+                        // The weight words (or halves) of panel `p0 + pi`, steps `s0..s0+kw`.
+                        let wpanel = match weights {
+                            Weights::RowMajor(_) => {
+                                WPanel::Words(&wbuf[pi * kw * NR..(pi + 1) * kw * NR])
+                            }
+                            Weights::Words(d, steps) => {
+                                let at = ((p0 + pi) * steps + s0) * NR;
+                                WPanel::Words(&d[at..at + kw * NR])
+                            }
+                            Weights::Halves(d, steps) => {
+                                let at = ((p0 + pi) * steps + s0) * NR;
+                                WPanel::Halves(&d[at..at + kw * NR])
+                            }
+                        };
+                        for ip in ip0..ip1 {
                             let i0 = ip * MR;
+                            let xs = xp.block(xbuf, m, ip, s0 * xper, kw * xper);
                             let c = outp.get().wrapping_add(i0 * n + col);
-                            // x words of this panel from k step `w0` (in words).
-                            let xs = &xbuf[ip * x_words..(ip + 1) * x_words];
                             // SAFETY: the tile covers rows `i0 .. i0 + min(MR, m - i0)` and
                             // columns `col .. col + nvalid` of `out` (`m x n`), owned by this
-                            // task; `xs` and `wp` hold the words the micro-kernel reads for
-                            // `kw` steps from `w0` (bounds below); AVX-512 (and AVX512_BF16
-                            // for `DotNative`) checked above.
-                            unsafe {
-                                run_tile(micro, m - i0, kw, xs, w0, wp, c, n, init, nvalid);
-                            }
+                            // task; `xs` and `wpanel` hold exactly the `kw` steps the
+                            // micro-kernel reads; AVX-512 (and AVX512_BF16 for `DotNative`)
+                            // checked above.
+                            unsafe { tile(micro, m - i0, kw, xs, wpanel, c, n, init, nvalid) };
                         }
                     }
-                    w0 += kw;
+                    s0 += kw;
                 }
             });
         };
-        if tasks == 1 || m * n * k < 1 << 18 {
+        if tasks == 1 || m * n * k < 1 << 16 {
             (0..tasks).for_each(task);
         } else {
             (0..tasks).into_par_iter().for_each(task);
@@ -264,63 +397,81 @@ pub(crate) fn gemm(
     });
 }
 
-/// Runs the micro-kernel `micro` for one tile of `min(rows, MR)` rows.
+/// One weight panel block: `kw * NR` words or halves.
+#[derive(Clone, Copy)]
+enum WPanel<'a> {
+    Words(&'a [u32]),
+    Halves(&'a [f16]),
+}
+
+/// Runs the micro-kernel `micro` for one tile of `M = min(rows, MR)` rows.
 ///
 /// # Safety
-/// `xs` is one packed x panel (all of its `k` steps), `w0 + kw` weight words are within
-/// it (for `f32` x: steps `w0 .. w0 + kw` for `F32`, `2 w0 .. 2 (w0 + kw)` for pairs);
-/// `wp` valid for `kw * NR` words; the tile contract of `store_tile` for `c`, `ldc`,
-/// `init`, `nvalid`; the CPU supports the micro-kernel.
+/// `xs` holds the `M x (kw steps)` words of `x` the micro-kernel reads, `wp` the `kw * NR`
+/// weight words (halves for `F16`); the tile contract of the micro-kernels' `store_tile`
+/// for `c`, `ldc`, `init`, `nvalid`; the CPU supports the micro-kernel.
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_tile(
+unsafe fn tile(
     micro: Micro,
     rows: usize,
     kw: usize,
     xs: &[u32],
-    w0: usize,
-    wp: *const u32,
+    wp: WPanel<'_>,
     c: *mut f32,
     ldc: usize,
     init: Init,
     nvalid: usize,
 ) {
     macro_rules! by_rows {
-        ($f:ident, $xp:expr) => {
+        ($f:ident, $xp:expr, $wp:expr) => {
             match rows {
-                1 => $f::<1>(kw, $xp, wp, c, ldc, init, nvalid),
-                2 => $f::<2>(kw, $xp, wp, c, ldc, init, nvalid),
-                3 => $f::<3>(kw, $xp, wp, c, ldc, init, nvalid),
-                4 => $f::<4>(kw, $xp, wp, c, ldc, init, nvalid),
-                5 => $f::<5>(kw, $xp, wp, c, ldc, init, nvalid),
-                6 => $f::<6>(kw, $xp, wp, c, ldc, init, nvalid),
-                7 => $f::<7>(kw, $xp, wp, c, ldc, init, nvalid),
-                8 => $f::<8>(kw, $xp, wp, c, ldc, init, nvalid),
-                9 => $f::<9>(kw, $xp, wp, c, ldc, init, nvalid),
-                10 => $f::<10>(kw, $xp, wp, c, ldc, init, nvalid),
-                11 => $f::<11>(kw, $xp, wp, c, ldc, init, nvalid),
-                _ => $f::<12>(kw, $xp, wp, c, ldc, init, nvalid),
+                1 => $f::<1>(kw, $xp, $wp, c, ldc, init, nvalid),
+                2 => $f::<2>(kw, $xp, $wp, c, ldc, init, nvalid),
+                3 => $f::<3>(kw, $xp, $wp, c, ldc, init, nvalid),
+                4 => $f::<4>(kw, $xp, $wp, c, ldc, init, nvalid),
+                5 => $f::<5>(kw, $xp, $wp, c, ldc, init, nvalid),
+                6 => $f::<6>(kw, $xp, $wp, c, ldc, init, nvalid),
+                7 => $f::<7>(kw, $xp, $wp, c, ldc, init, nvalid),
+                8 => $f::<8>(kw, $xp, $wp, c, ldc, init, nvalid),
+                9 => $f::<9>(kw, $xp, $wp, c, ldc, init, nvalid),
+                10 => $f::<10>(kw, $xp, $wp, c, ldc, init, nvalid),
+                11 => $f::<11>(kw, $xp, $wp, c, ldc, init, nvalid),
+                _ => $f::<12>(kw, $xp, $wp, c, ldc, init, nvalid),
             }
         };
     }
-    // SAFETY: forwarded from the caller; the slicing below panics rather than overreads.
+    let rows = rows.min(MR);
+    let xsteps = if micro.pairs_w() && !micro.pairs_x() {
+        2 * kw
+    } else {
+        kw
+    };
+    assert_eq!(xs.len(), rows * xsteps, "panel_gemm: x block");
+    let xf: *const f32 = cast_slice::<u32, f32>(xs).as_ptr();
+    // SAFETY: forwarded from the caller; lengths asserted above and below.
     unsafe {
-        match micro {
-            Micro::F32 => {
-                let xf: &[f32] = cast_slice(&xs[w0 * MR..(w0 + kw) * MR]);
-                by_rows!(ukr_f32, xf.as_ptr())
+        match (micro, wp) {
+            (Micro::F32, WPanel::Words(w)) => {
+                assert_eq!(w.len(), kw * NR);
+                by_rows!(ukr_f32, xf, w.as_ptr())
             }
-            Micro::PairsF32x => {
-                let xf: &[f32] = cast_slice(&xs[2 * w0 * MR..2 * (w0 + kw) * MR]);
-                by_rows!(ukr_pairs_f32x, xf.as_ptr())
+            (Micro::F16, WPanel::Halves(w)) => {
+                assert_eq!(w.len(), kw * NR);
+                by_rows!(ukr_f16, xf, w.as_ptr())
             }
-            Micro::DotNative => {
-                let xp = xs[w0 * MR..(w0 + kw) * MR].as_ptr();
-                by_rows!(ukr_dot_native, xp)
+            (Micro::PairsF32x, WPanel::Words(w)) => {
+                assert_eq!(w.len(), kw * NR);
+                by_rows!(ukr_pairs_f32x, xf, w.as_ptr())
             }
-            Micro::DotEmulated => {
-                let xp = xs[w0 * MR..(w0 + kw) * MR].as_ptr();
-                by_rows!(ukr_dot_emulated, xp)
+            (Micro::DotNative, WPanel::Words(w)) => {
+                assert_eq!(w.len(), kw * NR);
+                by_rows!(ukr_dot_native, xs.as_ptr(), w.as_ptr())
             }
+            (Micro::DotEmulated, WPanel::Words(w)) => {
+                assert_eq!(w.len(), kw * NR);
+                by_rows!(ukr_dot_emulated, xs.as_ptr(), w.as_ptr())
+            }
+            _ => panic!("panel_gemm: {micro:?} does not suit the weight panel"),
         }
     }
 }
@@ -345,15 +496,32 @@ mod tests {
         if w.dtype() == DType::BF16 {
             micros.extend([Micro::PairsF32x, Micro::DotEmulated, Micro::DotNative]);
         }
+        let packed = w.clone().prepack();
+        let panel_micros = match w.dtype() {
+            DType::F32 => vec![Micro::F32],
+            DType::F16 => vec![Micro::F16],
+            DType::BF16 => micros[1..].to_vec(),
+        };
+        let check = |got: &[f32], micro: Micro, what: String| {
+            if micro.pairs_x() {
+                assert_within_bf16_rounding(got, &want, x, m, w, &what);
+            } else {
+                assert_close(got, &want, 1e-6 * (k as f32).max(10.0), &what);
+            }
+        };
         for micro in micros.into_iter().filter(|u| u.is_available()) {
             let mut got = vec![f32::NAN; m * n];
             gemm(x, m, w, bias, &mut got, micro);
-            let what = format!("{what} {micro:?} {m}x{k}x{n}");
-            if micro.pairs_x() {
-                assert_within_bf16_rounding(&got, &want, x, m, w, &what);
-            } else {
-                assert_close(&got, &want, 1e-6 * (k as f32).max(10.0), &what);
-            }
+            check(&got, micro, format!("{what} {micro:?} {m}x{k}x{n}"));
+        }
+        for micro in panel_micros.into_iter().filter(|u| u.is_available()) {
+            let mut got = vec![f32::NAN; m * n];
+            gemm_prepacked(x, m, &packed, bias, &mut got, micro);
+            check(
+                &got,
+                micro,
+                format!("{what} prepacked {micro:?} {m}x{k}x{n}"),
+            );
         }
     }
 
@@ -366,6 +534,7 @@ mod tests {
             (13, 37, 45),
             (1, 1, 1),
             (30, 513, 257),
+            (200, 70, 40),
         ] {
             let wd: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7919 % 1000) as f32) * 1e-3 - 0.5)

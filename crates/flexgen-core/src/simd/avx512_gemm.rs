@@ -5,7 +5,8 @@
 //! - weight panel, `f32`: `[k][NR]` — 32 consecutive output features per `k`;
 //! - weight panel, bf16 pairs: `[k / 2][NR]` words, each word holding the two bf16 weights
 //!   `(w[j][2p], w[j][2p + 1])` (low half first) — the operand layout of `vdpbf16ps`;
-//! - `x` panel, `f32`: `[k][MR]`; `x` panel, bf16 pairs: `[k / 2][MR]` words.
+//! - weight panel, `f16`: `[k][NR]` halves (converted to `f32` in registers);
+//! - `x` panel of `M <= MR` rows, `f32`: `[k][M]`; bf16 pairs: `[k / 2][M]` words.
 //!
 //! A micro-kernel computes one `M x NR` tile (`M <= MR`) of the output over one block of
 //! `k`, with `2 M` accumulators in registers: per `k` it loads two weight vectors and
@@ -121,7 +122,7 @@ fn prefetch_panel(wp: *const u32, p: usize) {
 /// `f32` micro-kernel: `kc` steps over an `f32` weight panel and an `f32` `x` panel.
 ///
 /// # Safety
-/// `xp` valid for reading `kc * MR` floats, `wp` for `kc * NR` words; the [`store_tile`]
+/// `xp` valid for reading `kc * M` floats, `wp` for `kc * NR` words; the [`store_tile`]
 /// contract for `c`, `ldc`, `init`, `nvalid`; AVX-512 F/BW/VL, FMA.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -139,12 +140,50 @@ pub(crate) unsafe fn ukr_f32<const M: usize>(
     for p in 0..kc {
         prefetch_panel(wp, p);
         // SAFETY: step `p < kc` reads words `p * NR .. p * NR + 32` of `wp` and floats
-        // `p * MR + r` (`r < M <= MR`) of `xp`, inside the caller's bounds.
+        // `p * M + r` (`r < M`) of `xp`, inside the caller's bounds.
         unsafe {
             let w0 = _mm512_loadu_ps(wp.add(p * NR).cast());
             let w1 = _mm512_loadu_ps(wp.add(p * NR + 16).cast());
             for (r, a) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*xp.add(p * MR + r));
+                let xb = _mm512_set1_ps(*xp.add(p * M + r));
+                a[0] = _mm512_fmadd_ps(w0, xb, a[0]);
+                a[1] = _mm512_fmadd_ps(w1, xb, a[1]);
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile::<M>(&acc, c, ldc, init, nvalid) };
+}
+
+/// `f16`-panel micro-kernel: like [`ukr_f32`], converting 32 weights per step with
+/// `vcvtph2ps` (exact).
+///
+/// # Safety
+/// `xp` valid for reading `kc * M` floats, `wp` for `kc * NR` halves; the [`store_tile`]
+/// contract for `c`, `ldc`, `init`, `nvalid`; AVX-512 F/BW/VL, FMA, F16C.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn ukr_f16<const M: usize>(
+    kc: usize,
+    xp: *const f32,
+    wp: *const f16,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    nvalid: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    prefetch_tile::<M>(c, ldc);
+    for p in 0..kc {
+        // Prefetching never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((p + PREFETCH_STEPS) * NR).cast());
+        // SAFETY: step `p < kc` reads halves `p * NR .. p * NR + 32` of `wp` and floats
+        // `p * M + r` (`r < M`) of `xp`, inside the caller's bounds.
+        unsafe {
+            let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(p * NR).cast()));
+            let w1 = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(p * NR + 16).cast()));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*xp.add(p * M + r));
                 a[0] = _mm512_fmadd_ps(w0, xb, a[0]);
                 a[1] = _mm512_fmadd_ps(w1, xb, a[1]);
             }
@@ -174,7 +213,7 @@ fn split_pairs(v: __m512i) -> (__m512, __m512) {
 /// `kcp` pair steps over a pair panel and an `f32` `x` panel of `2 kcp` steps.
 ///
 /// # Safety
-/// `xp` valid for reading `2 * kcp * MR` floats, `wp` for `kcp * NR` words; the
+/// `xp` valid for reading `2 * kcp * M` floats, `wp` for `kcp * NR` words; the
 /// [`store_tile`] contract; AVX-512 F/BW/VL, FMA.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -192,13 +231,13 @@ pub(crate) unsafe fn ukr_pairs_f32x<const M: usize>(
     for p in 0..kcp {
         prefetch_panel(wp, p);
         // SAFETY: pair step `p < kcp` reads words `p * NR .. + 32` of `wp` and floats
-        // `(2p or 2p + 1) * MR + r` (`r < M`) of `xp`, inside the caller's bounds.
+        // `(2p or 2p + 1) * M + r` (`r < M`) of `xp`, inside the caller's bounds.
         unsafe {
             let (e0, o0) = split_pairs(_mm512_loadu_si512(wp.add(p * NR).cast()));
             let (e1, o1) = split_pairs(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
             for (r, a) in acc.iter_mut().enumerate() {
-                let xe = _mm512_set1_ps(*xp.add(2 * p * MR + r));
-                let xo = _mm512_set1_ps(*xp.add((2 * p + 1) * MR + r));
+                let xe = _mm512_set1_ps(*xp.add(2 * p * M + r));
+                let xo = _mm512_set1_ps(*xp.add((2 * p + 1) * M + r));
                 a[0] = _mm512_fmadd_ps(e0, xe, a[0]);
                 a[1] = _mm512_fmadd_ps(e1, xe, a[1]);
                 a[0] = _mm512_fmadd_ps(o0, xo, a[0]);
@@ -214,7 +253,7 @@ pub(crate) unsafe fn ukr_pairs_f32x<const M: usize>(
 /// `x` panel. Per lane and step: `acc += w_odd * x_odd`, then `acc += w_even * x_even`.
 ///
 /// # Safety
-/// `xp` valid for reading `kcp * MR` words, `wp` for `kcp * NR` words; the [`store_tile`]
+/// `xp` valid for reading `kcp * M` words, `wp` for `kcp * NR` words; the [`store_tile`]
 /// contract; AVX-512 F/BW/VL and AVX512_BF16.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
@@ -232,14 +271,14 @@ pub(crate) unsafe fn ukr_dot_native<const M: usize>(
     for p in 0..kcp {
         prefetch_panel(wp, p);
         // SAFETY: pair step `p < kcp` reads words `p * NR .. + 32` of `wp` and word
-        // `p * MR + r` (`r < M`) of `xp`, inside the caller's bounds. `__m512bh` and
+        // `p * M + r` (`r < M`) of `xp`, inside the caller's bounds. `__m512bh` and
         // `__m512i` are both 512-bit vectors (the transmutes reinterpret bits).
         unsafe {
             let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR).cast()));
             let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
             for (r, a) in acc.iter_mut().enumerate() {
                 let xb: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*xp.add(p * MR + r) as i32));
+                    std::mem::transmute(_mm512_set1_epi32(*xp.add(p * M + r) as i32));
                 a[0] = _mm512_dpbf16_ps(a[0], w0, xb);
                 a[1] = _mm512_dpbf16_ps(a[1], w1, xb);
             }
@@ -273,7 +312,7 @@ pub(crate) unsafe fn ukr_dot_emulated<const M: usize>(
             let (e0, o0) = split_pairs(_mm512_loadu_si512(wp.add(p * NR).cast()));
             let (e1, o1) = split_pairs(_mm512_loadu_si512(wp.add(p * NR + 16).cast()));
             for (r, a) in acc.iter_mut().enumerate() {
-                let (xe, xo) = split_pairs(_mm512_set1_epi32(*xp.add(p * MR + r) as i32));
+                let (xe, xo) = split_pairs(_mm512_set1_epi32(*xp.add(p * M + r) as i32));
                 a[0] = _mm512_fmadd_ps(o0, xo, a[0]);
                 a[0] = _mm512_fmadd_ps(e0, xe, a[0]);
                 a[1] = _mm512_fmadd_ps(o1, xo, a[1]);
@@ -421,5 +460,26 @@ pub(crate) unsafe fn pack_weights(
                 wi += 16;
             }
         }
+    }
+}
+
+/// Converts `src` (`f32`, exact for values that came from `f16`) to `f16` in `dst`
+/// (rounding to nearest even).
+///
+/// # Safety
+/// `dst.len() >= src.len()`; AVX-512 F, F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn f32_to_f16_words(src: &[u32], dst: &mut [f16]) {
+    assert!(dst.len() >= src.len(), "f32_to_f16_words: dst too short");
+    let mut i = 0;
+    while i < src.len() {
+        let km = mask16(src.len() - i);
+        // SAFETY: enabled lanes are `i .. min(i + 16, src.len())`, inside both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(km, src.as_ptr().add(i).cast());
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i).cast(), km, h);
+        }
+        i += 16;
     }
 }
