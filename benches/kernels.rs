@@ -5,6 +5,8 @@
 //!   adds OPT-6.7B) for m = 1, 8, 32, 256 rows. Throughput is counted in "elements" of
 //!   2·m·n·k per call, so criterion's Gelem/s reads as GFLOP/s; the weights' read rate is
 //!   GFLOP/s × (bytes per weight) / (2 m) GB/s (printed per case at start).
+//! - `linear-prepacked/<layer>/<dtype>/<m>`: the same with the weights prepacked once
+//!   (`Matrix::prepack`, `kernels::linear_prepacked`).
 //! - `linear-gemm-crate/<layer>/f32/256`: the `gemm` crate path on the same shapes, for
 //!   reference.
 //! - `attention-decode/b<B>/kv<L>`: one new token per sequence against `L` cached positions,
@@ -64,6 +66,28 @@ fn bench_linear(c: &mut Criterion) {
                     BenchmarkId::new(format!("{name}/{dtype}"), m),
                     &m,
                     |b, &m| b.iter(|| kernels::linear(&x, m, &w, None, &mut y).unwrap()),
+                );
+            }
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("linear-prepacked");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_millis(500));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for (name, n, k) in shapes() {
+        let base = Matrix::from_f32(n, k, values(n * k, 7919)).unwrap();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let w = base.to_dtype(dtype).prepack();
+            for m in [1usize, 8, 32, 256] {
+                let x = values(m * k, 31);
+                let mut y = vec![0f32; m * n];
+                group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{name}/{dtype}"), m),
+                    &m,
+                    |b, &m| b.iter(|| kernels::linear_prepacked(&x, m, &w, None, &mut y).unwrap()),
                 );
             }
         }

@@ -6,6 +6,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::softmax::softmax_row;
+use super::SharedOut;
 use crate::error::{check_len, checked_product, Error, Result};
 use crate::simd::{dispatch, ensure_available, simd_level, Kern, SimdLevel};
 
@@ -136,40 +137,45 @@ pub fn attention_with_level(
         decode(level, q, k, v, key_valid, &s, scale, out);
         return Ok(());
     }
-    // Per-(sequence, head) results, laid out [batch][head][q_len][head_dim] so that each task
-    // owns one contiguous block; scattered into `out` afterwards.
-    let block = s.q_len * hd;
-    let mut tmp = vec![0.0f32; s.batch * s.n_heads * block];
-    let task = |scores: &mut Vec<f32>, (t, dst): (usize, &mut [f32])| {
+    // Task `t` = (sequence `t / n_heads`, head `t % n_heads`) writes its head's columns of
+    // the sequence's `q_len` rows of `out`, disjoint from every other task's.
+    let outp = SharedOut::new(out);
+    let task = |t: usize| {
         let (b, h) = (t / s.n_heads, t % s.n_heads);
-        // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`.
-        dispatch!(level, K => unsafe {
-            head_gemm::<K>(q, k, v, key_valid, &s, scale, b, h, scores, dst)
+        with_scores(0, |scores| {
+            // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`;
+            // `out` is `[batch, q_len, hidden]` (checked) and this task alone writes the
+            // columns `h * hd..(h + 1) * hd` of rows `b * q_len..(b + 1) * q_len`.
+            dispatch!(level, K => unsafe {
+                head_gemm::<K>(q, k, v, key_valid, &s, scale, b, h, scores, outp)
+            })
         })
     };
     if s.batch * s.n_heads == 1 || s.q_len * s.kv_len * hd < 1 << 12 {
-        let mut scores = Vec::new();
-        tmp.chunks_mut(block)
-            .enumerate()
-            .for_each(|t| task(&mut scores, t));
+        (0..s.batch * s.n_heads).for_each(task);
     } else {
-        tmp.par_chunks_mut(block)
-            .enumerate()
-            .for_each_init(Vec::new, task);
-    }
-    for (t, src) in tmp.chunks_exact(block).enumerate() {
-        let (b, h) = (t / s.n_heads, t % s.n_heads);
-        for (i, row) in src.chunks_exact(hd).enumerate() {
-            let o = (b * s.q_len + i) * hidden + h * hd;
-            out[o..o + hd].copy_from_slice(row);
-        }
+        (0..s.batch * s.n_heads).into_par_iter().for_each(task);
     }
     Ok(())
 }
 
 thread_local! {
-    /// Per-thread attention scores of [`decode`], reused across calls.
+    /// Per-thread attention scores, reused across calls.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scores buffer, at least `len` long (a fresh one if it is
+/// already in use).
+fn with_scores<R>(len: usize, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCORES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf)
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Heads per [`decode`] task: the largest divisor of `n_heads` that still gives every
@@ -231,15 +237,7 @@ fn decode(
             })
         };
         let len = group * n_pos;
-        SCORES.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                if buf.len() < len {
-                    buf.resize(len, 0.0);
-                }
-                run(&mut buf[..len]);
-            }
-            Err(_) => run(&mut vec![0.0; len]),
-        });
+        with_scores(len, |buf| run(&mut buf[..len]));
     };
     if rows * groups == 1 || rows * s.kv_len * hidden < 1 << 15 {
         out.chunks_mut(width).enumerate().for_each(task);
@@ -248,12 +246,15 @@ fn decode(
     }
 }
 
-/// Attention of one (sequence `b`, head `h`) pair into `dst` (`[q_len][head_dim]`) for many
-/// queries (prefill): blocks of `Q_BLOCK` queries use two small GEMMs
-/// (`scores = scale * Q Kᵀ`, then `out = P V`) instead of per-key dot products.
+/// Attention of one (sequence `b`, head `h`) pair for many queries (prefill), written to
+/// the head's columns of the sequence's rows of `out` (`[batch, q_len, hidden]`): blocks of
+/// `Q_BLOCK` queries use two small GEMMs (`scores = scale * Q Kᵀ`, then `out = P V`)
+/// instead of per-key dot products. `scores` is scratch.
 ///
 /// # Safety
-/// The CPU must support `K`'s SIMD level. Shapes must have passed [`check_args`].
+/// The CPU must support `K`'s SIMD level. Shapes must have passed [`check_args`], `out`
+/// points to that `out` buffer, and nothing else accesses the elements this call writes
+/// while it runs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn head_gemm<K: Kern>(
     q: &[f32],
@@ -265,7 +266,7 @@ unsafe fn head_gemm<K: Kern>(
     b: usize,
     h: usize,
     scores: &mut Vec<f32>,
-    dst: &mut [f32],
+    out: SharedOut,
 ) {
     let (hd, hidden) = (s.head_dim, s.hidden());
     let valid = &key_valid[b * s.kv_len..(b + 1) * s.kv_len];
@@ -284,7 +285,8 @@ unsafe fn head_gemm<K: Kern>(
         let qs = &q[qoff..qoff + (qb - 1) * hidden + hd];
         let ks = &k[cache_off..cache_off + (nk - 1) * hidden + hd];
         let vs = &v[cache_off..cache_off + (nk - 1) * hidden + hd];
-        let out = &mut dst[i0 * hd..i1 * hd];
+        // Row `i0` of this sequence, this head's first column; rows at stride `hidden`.
+        let dst = out.get().wrapping_add((b * s.q_len + i0) * hidden + h * hd);
         // SAFETY: lhs (i, l) = qs[i * hidden + l] with i < qb, l < hd; rhs (l, j) =
         // ks[j * hidden + l] with j < nk; dst (i, j) = sc[i * nk + j]: all inside the slices
         // above. With `read_dst == false` the old contents are ignored.
@@ -323,15 +325,16 @@ unsafe fn head_gemm<K: Kern>(
             unsafe { softmax_row::<K>(row) };
         }
         // SAFETY: lhs (i, j) = sc[i * nk + j]; rhs (j, l) = vs[j * hidden + l] with j < nk,
-        // l < hd; dst (i, l) = out[i * hd + l] with i < qb: all inside the slices above.
+        // l < hd: inside the slices above; dst (i, l) = out[(b * q_len + i0 + i) * hidden +
+        // h * hd + l] with i < qb, l < hd: inside `out` and owned by this task (caller).
         unsafe {
             gemm::gemm(
                 qb,
                 hd,
                 nk,
-                out.as_mut_ptr(),
+                dst,
                 1,
-                hd as isize,
+                hidden as isize,
                 false,
                 sc.as_ptr(),
                 1,

@@ -34,6 +34,29 @@ pub use softmax::{masked_softmax, masked_softmax_ref, masked_softmax_with_level}
 /// Number of elements above which row-wise kernels split their rows across rayon threads.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
+/// An output buffer's pointer shared by parallel tasks that write disjoint elements (tiles
+/// or column ranges that `chunks_mut` cannot express).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+
+// SAFETY: users write disjoint elements from different tasks (each use site says which),
+// and the buffer outlives the parallel loop that uses the pointer.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Wraps `out`'s pointer.
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        SharedOut(out.as_mut_ptr())
+    }
+
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Shared test helpers.
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -24,6 +24,7 @@ use bytemuck::{cast_slice, cast_slice_mut};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::SharedOut;
 use crate::dtype::DType;
 use crate::matrix::{Matrix, Storage};
 use crate::panel_matrix::{PanelData, PanelMatrix};
@@ -197,22 +198,6 @@ impl XPanels {
     }
 }
 
-/// The output pointer shared by tasks that write disjoint tiles.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their own tiles), and the pointer outlives the
-// parallel loop that uses it.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Where the weight panels come from.
 #[derive(Clone, Copy)]
 enum Weights<'a> {
@@ -324,7 +309,7 @@ fn run(
     };
     let row_tasks = m_panels.div_ceil(mb);
     let tasks = col_tasks * row_tasks;
-    let outp = OutPtr(out.as_mut_ptr());
+    let outp = SharedOut::new(out);
     let x_steps = if micro.pairs_x() {
         k.div_ceil(2)
     } else {
@@ -479,7 +464,6 @@ unsafe fn tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
     use crate::kernels::linear::linear_ref;
     use crate::kernels::testutil::{assert_close, assert_within_bf16_rounding, vec_f32};
     use proptest::prelude::*;
