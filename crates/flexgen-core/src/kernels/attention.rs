@@ -178,21 +178,30 @@ fn with_scores<R>(len: usize, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     })
 }
 
-/// Heads per [`decode`] task: the largest divisor of `n_heads` that still gives every
-/// thread about four tasks (`rows` query rows, each split into `n_heads / group` tasks).
-fn decode_group(n_heads: usize, rows: usize, threads: usize) -> usize {
-    let want_tasks_per_row = (4 * threads).div_ceil(rows.max(1)).clamp(1, n_heads);
-    (1..=n_heads)
-        .rev()
-        .find(|&g| n_heads.is_multiple_of(g) && n_heads / g >= want_tasks_per_row)
-        .unwrap_or(1)
+thread_local! {
+    /// Partial results of [`decode`]'s split rows (of the calling thread).
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Few new queries per sequence (decode): each task takes one query row and a group of
-/// heads and streams the cache rows it needs in order, K then V, each row once — the
-/// contiguous `group * head_dim` values of every position — instead of one head at a time
-/// (which would jump `hidden` floats per position). Writes `out` directly; the scores live
-/// in a per-thread buffer. Shapes must have passed [`check_args`], and `q_len >= 1`.
+/// Position ranges per query row in [`decode`]: one when there are enough rows to keep every
+/// thread busy, else enough ranges of at least `MIN_SPLIT` positions for about two per
+/// thread.
+fn decode_splits(rows: usize, n_pos: usize, threads: usize) -> usize {
+    const MIN_SPLIT: usize = 64;
+    if rows >= 2 * threads {
+        1
+    } else {
+        (2 * threads).div_ceil(rows).min(n_pos / MIN_SPLIT).max(1)
+    }
+}
+
+/// Few new queries per sequence (decode). A task takes one query row, all heads, and a range
+/// of cache positions, and streams the rows of that range in order — K, then V, each row's
+/// `hidden` contiguous values once — rather than one head at a time (which jumps `hidden`
+/// floats per position and defeats the hardware prefetchers). Rows are split into position
+/// ranges only when there are too few rows for the threads; their partial softmax sums are
+/// merged as in flash-decoding. Scores and partials live in per-thread buffers. Shapes must
+/// have passed [`check_args`], and `q_len >= 1`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     level: SimdLevel,
@@ -204,47 +213,138 @@ fn decode(
     scale: f32,
     out: &mut [f32],
 ) {
-    let (hd, hidden) = (s.head_dim, s.hidden());
+    let (hd, hidden, heads) = (s.head_dim, s.hidden(), s.n_heads);
     let rows = s.batch * s.q_len;
-    let group = decode_group(s.n_heads, rows, rayon::current_num_threads());
-    let width = group * hd;
-    let groups = s.n_heads / group;
-    // Task `t` = (query row `t / groups`, head group `t % groups`) owns `out[t * width..]`.
-    let task = |(t, dst): (usize, &mut [f32])| {
-        let (row, g) = (t / groups, t % groups);
+    let splits = decode_splits(rows, s.kv_len, rayon::current_num_threads());
+    // One slot per (row, split): the unnormalized output, then per head the running max and
+    // the sum of exponentials.
+    let slot = hidden + 2 * heads;
+    // Computes row `row`'s split `c` into `dst` (`hidden` outputs) and `stats` (`2 * heads`).
+    let partial = |row: usize, c: usize, dst: &mut [f32], stats: &mut [f32]| {
         let (b, i) = (row / s.q_len, row % s.q_len);
         // This query's position; it sees keys `0..=p`.
-        let p = s.kv_len - s.q_len + i;
-        let n_pos = p + 1;
-        let valid = &key_valid[b * s.kv_len..b * s.kv_len + n_pos];
-        let qv = &q[row * hidden + g * width..][..width];
-        let cache = b * s.kv_capacity * hidden + g * width;
-        let keys = &k[cache..cache + p * hidden + width];
-        let vals = &v[cache..cache + p * hidden + width];
-        let mut run = |scores: &mut [f32]| {
+        let n_pos = s.kv_len - s.q_len + i + 1;
+        let per = n_pos.div_ceil(splits);
+        let (j0, j1) = ((c * per).min(n_pos), ((c + 1) * per).min(n_pos));
+        let n = j1 - j0;
+        let (maxes, sums) = stats.split_at_mut(heads);
+        if n == 0 {
+            dst.fill(0.0);
+            maxes.fill(f32::NEG_INFINITY);
+            sums.fill(0.0);
+            return;
+        }
+        let valid = &key_valid[b * s.kv_len + j0..b * s.kv_len + j1];
+        let qv = &q[row * hidden..(row + 1) * hidden];
+        let first = (b * s.kv_capacity + j0) * hidden;
+        let keys = &k[first..first + (n - 1) * hidden + hidden];
+        let vals = &v[first..first + (n - 1) * hidden + hidden];
+        with_scores(heads * n, |scores| {
+            let scores = &mut scores[..heads * n];
             // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`;
-            // `keys`/`vals` hold `n_pos` rows of `width` values at stride `hidden`, and
-            // `scores` holds `group` rows of `n_pos`.
+            // `keys`/`vals` hold `n` rows of `hidden` values at stride `hidden`, `scores`
+            // holds `heads` rows of `n`.
             dispatch!(level, K => unsafe {
-                K::head_scores(qv, hd, keys, hidden, n_pos, scores, n_pos);
-                for row in scores.chunks_exact_mut(n_pos) {
+                K::head_scores(qv, hd, keys, hidden, n, scores, n);
+                for ((row, mx), sum) in scores.chunks_exact_mut(n).zip(maxes.iter_mut()).zip(sums.iter_mut()) {
                     for (x, &ok) in row.iter_mut().zip(valid) {
                         *x = if ok { *x * scale } else { f32::NEG_INFINITY };
                     }
-                    softmax_row::<K>(row);
+                    *mx = K::max(row);
+                    if *mx == f32::NEG_INFINITY || mx.is_nan() {
+                        row.fill(0.0);
+                        *sum = 0.0;
+                    } else {
+                        *sum = K::exp_shift_sum(row, *mx);
+                    }
                 }
-                K::head_mix(scores, n_pos, vals, hidden, n_pos, hd, dst);
+                K::head_mix(scores, n, vals, hidden, n, hd, dst);
             })
-        };
-        let len = group * n_pos;
-        with_scores(len, |buf| run(&mut buf[..len]));
+        });
     };
-    if rows * groups == 1 || rows * s.kv_len * hidden < 1 << 15 {
-        out.chunks_mut(width).enumerate().for_each(task);
-    } else {
-        out.par_chunks_mut(width).enumerate().for_each(task);
+    let par = rows * splits > 1 && rows * s.kv_len * hidden >= 1 << 15;
+    if splits == 1 {
+        // Normalize in place: `out` row = sum_j e_j v_j / sum_j e_j per head.
+        let task = |(row, dst): (usize, &mut [f32])| {
+            let mut stats = [0.0f32; 2 * MAX_STACK_HEADS];
+            let mut heap = Vec::new();
+            let stats: &mut [f32] = if heads <= MAX_STACK_HEADS {
+                &mut stats[..2 * heads]
+            } else {
+                heap.resize(2 * heads, 0.0);
+                &mut heap
+            };
+            partial(row, 0, dst, stats);
+            for (o, &sum) in dst.chunks_exact_mut(hd).zip(&stats[heads..]) {
+                let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        };
+        if par {
+            out.par_chunks_mut(hidden).enumerate().for_each(task);
+        } else {
+            out.chunks_mut(hidden).enumerate().for_each(task);
+        }
+        return;
     }
+    let mut run = |parts: &mut [f32]| {
+        let task = |(t, buf): (usize, &mut [f32])| {
+            let (dst, stats) = buf.split_at_mut(hidden);
+            partial(t / splits, t % splits, dst, stats);
+        };
+        if par {
+            parts.par_chunks_mut(slot).enumerate().for_each(task);
+        } else {
+            parts.chunks_mut(slot).enumerate().for_each(task);
+        }
+        // Merge: out = sum_c w_c o_c / sum_c w_c l_c with w_c = exp(m_c - max_c m_c).
+        for (o, row_parts) in out
+            .chunks_exact_mut(hidden)
+            .zip(parts.chunks_exact(splits * slot))
+        {
+            for h in 0..heads {
+                let stat =
+                    |c: usize, which: usize| row_parts[c * slot + hidden + which * heads + h];
+                let m = (0..splits)
+                    .map(|c| stat(c, 0))
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let oh = &mut o[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                if m == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut total = 0.0;
+                for c in 0..splits {
+                    let mc = stat(c, 0);
+                    if mc == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let w = (mc - m).exp();
+                    total += w * stat(c, 1);
+                    let part = &row_parts[c * slot + h * hd..c * slot + (h + 1) * hd];
+                    for (x, &p) in oh.iter_mut().zip(part) {
+                        *x += w * p;
+                    }
+                }
+                let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+                oh.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    };
+    let len = rows * splits * slot;
+    PARTIALS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            run(&mut buf[..len]);
+        }
+        Err(_) => run(&mut vec![0.0; len]),
+    });
 }
+
+/// Heads whose softmax statistics [`decode`] keeps on the stack (more use the heap).
+const MAX_STACK_HEADS: usize = 128;
 
 /// Attention of one (sequence `b`, head `h`) pair for many queries (prefill), written to
 /// the head's columns of the sequence's rows of `out` (`[batch, q_len, hidden]`): blocks of
@@ -562,6 +662,34 @@ mod tests {
         let mut got = vec![0.0; q.len()];
         attention_decode(&q, &k, &v, &valid, &s, 0.2, &mut got).unwrap();
         assert_close(&got, &want, 1e-5, "decode");
+    }
+
+    /// One sequence with a long cache: rows are split into position ranges (merged
+    /// flash-decoding style), including ranges that are all padding.
+    #[test]
+    fn split_decode_matches_ref() {
+        for (q_len, pad) in [(1, 0), (1, 150), (3, 70)] {
+            let kv_len = 300;
+            let s = shape(1, 4, 24, q_len, kv_len, kv_len + 3);
+            assert!(decode_splits(q_len, kv_len, rayon::current_num_threads().max(2)) > 1);
+            let hidden = 96;
+            let q = vec_of(q_len * hidden, 0.37);
+            let k = vec_of(s.kv_capacity * hidden, 0.011);
+            let v = vec_of(s.kv_capacity * hidden, 0.23);
+            let valid: Vec<bool> = (0..kv_len).map(|j| j >= pad).collect();
+            let mut want = vec![0.0; q.len()];
+            attention_ref(&q, &k, &v, &valid, &s, 0.2, &mut want).unwrap();
+            for level in available_levels() {
+                let mut got = vec![f32::NAN; q.len()];
+                attention_with_level(level, &q, &k, &v, &valid, &s, 0.2, &mut got).unwrap();
+                assert_close(
+                    &got,
+                    &want,
+                    1e-5,
+                    &format!("{level} q_len {q_len} pad {pad}"),
+                );
+            }
+        }
     }
 
     /// A long prompt (several query blocks of the GEMM path) with left padding.
