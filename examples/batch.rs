@@ -26,12 +26,14 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use flexgen::cli::resolve_tokenizer_dir;
 use flexgen_opt::generation::validate_config;
-use flexgen_opt::{
-    generate_rows, Error, FinishReason, Flow, GenerationConfig, LoadOptions, OptModel, OptTokenizer,
-};
+use flexgen_opt::{Error, FinishReason, Flow, GenerationConfig, OptEngine, OptTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+#[path = "common/engine_flags.rs"]
+mod engine_flags;
+use engine_flags::EngineFlags;
 
 /// Run a JSONL file of prompts through an OPT model, writing one JSONL line per row.
 #[derive(Parser, Debug)]
@@ -74,6 +76,10 @@ struct Args {
     /// Stop string for rows without their own "stop" (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Placement and compression (all in memory unless a flag says otherwise; offloaded, a
+    /// block runs as micro-batches of --gpu-batch-size rows).
+    #[command(flatten)]
+    engine: EngineFlags,
     /// Abort (as if killed) after writing this many rows; for testing --resume.
     #[arg(long, hide = true)]
     abort_after: Option<usize>,
@@ -149,7 +155,7 @@ fn parse_row(
     text: &str,
     line: usize,
     args: &Args,
-    model: &OptModel,
+    model: &OptEngine,
     tokenizer: &OptTokenizer,
 ) -> std::result::Result<Job, BadRow> {
     let bad = |id: Value, msg: String| BadRow { line, id, msg };
@@ -343,7 +349,7 @@ impl Progress {
 
 /// Runs one block, writing each row as it finishes; a failure becomes error rows.
 fn run_block(
-    model: &OptModel,
+    model: &OptEngine,
     tokenizer: &OptTokenizer,
     block: &[&Job],
     out: &mut Writer,
@@ -355,7 +361,7 @@ fn run_block(
     let mut ids: Vec<Vec<u32>> = vec![Vec::new(); block.len()];
     let mut written = vec![false; block.len()];
     let mut write_err = None;
-    let result = generate_rows(model, &prompts, &cfgs, Some(tokenizer), |ev| {
+    let result = model.generate_rows(&prompts, &cfgs, Some(tokenizer), |ev| {
         texts[ev.row].push_str(ev.text);
         ids[ev.row].push(ev.token_id);
         if let Some(reason) = ev.finished {
@@ -438,7 +444,11 @@ fn main() -> Result<()> {
             tok_dir.display()
         );
     }
-    let model = OptModel::load(&args.model, &LoadOptions::default())?;
+    let options = args.engine.engine_options()?;
+    if options.policy.is_some() {
+        eprintln!("note: {}", EngineFlags::describe(&options));
+    }
+    let model = OptEngine::load(&args.model, &options)?;
     let tokenizer = OptTokenizer::from_dir(&tok_dir)?;
 
     // Parse every row first: bad rows are reported up front, duplicates caught.

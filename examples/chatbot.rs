@@ -9,6 +9,11 @@
 //!     --model tests/fixtures/tiny-preln-f32 --system "A short chat." --max-new-tokens 8
 //! ```
 //!
+//! The policy and compression flags run the chat offloaded (e.g. `--percent 0 0 100 0 100 0`
+//! streams every weight from disk, `--compress-cache` keeps a 4-bit cache). The offloading
+//! runtime holds a cache only while it generates, so offloaded each turn recomputes the kept
+//! conversation; the replies are the same.
+//!
 //! On a terminal the input line has editing and history; when stdin is a pipe lines are read
 //! plainly and echoed after the `Human: ` prompt, so stdout is the transcript.
 
@@ -21,10 +26,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use flexgen::cli::resolve_tokenizer_dir;
-use flexgen_core::DType;
-use flexgen_opt::{
-    ChatSession, Flow, GenerationConfig, LoadOptions, OptConfig, OptModel, OptTokenizer,
-};
+use flexgen_opt::{ChatSession, Flow, GenerationConfig, OptConfig, OptEngine, OptTokenizer};
+
+#[path = "common/engine_flags.rs"]
+mod engine_flags;
+use engine_flags::EngineFlags;
 
 /// Chat with an OPT model, FlexGen style (`Human:` / `Assistant:` turns).
 #[derive(Parser, Debug)]
@@ -62,10 +68,10 @@ struct Args {
     /// the KV cache; for comparisons.
     #[arg(long)]
     no_kv_reuse: bool,
-    /// Quantize every 2-D weight to 4 bits (groups of 64) as it is loaded (FlexGen's
-    /// --compress-weight): about 0.28x the memory of f16, at some accuracy cost.
-    #[arg(long)]
-    compress_weight: bool,
+    /// Placement and compression (all in memory unless a flag says otherwise; offloaded, each
+    /// turn recomputes the conversation instead of reusing the KV cache).
+    #[command(flatten)]
+    engine: EngineFlags,
     /// Run a model of this zoo name with dummy weights (f16) instead of --model; for timing.
     #[arg(long, hide = true, conflicts_with = "model")]
     dummy: Option<String>,
@@ -127,14 +133,12 @@ impl Input {
     }
 }
 
-fn load(args: &Args) -> Result<(OptModel, OptTokenizer)> {
+fn load(args: &Args) -> Result<(OptEngine, OptTokenizer)> {
     let model_dir = args.model.clone().unwrap_or_default();
     let (tok_dir, fallback) = resolve_tokenizer_dir(&model_dir, args.tokenizer.as_deref());
-    let compress = args
-        .compress_weight
-        .then_some(flexgen::quant::CompressionConfig::WEIGHT_4BIT);
-    let model = match &args.dummy {
-        Some(name) => OptModel::dummy_with(OptConfig::from_name(name)?, DType::F16, 0, compress)?,
+    let options = args.engine.engine_options()?;
+    let engine = match &args.dummy {
+        Some(name) => OptEngine::dummy(OptConfig::from_name(name)?, 0, &options)?,
         None => {
             if fallback {
                 eprintln!(
@@ -143,20 +147,22 @@ fn load(args: &Args) -> Result<(OptModel, OptTokenizer)> {
                     tok_dir.display()
                 );
             }
-            let options = LoadOptions {
-                compress_weight: compress,
-                ..LoadOptions::default()
-            };
-            OptModel::load(&model_dir, &options)?
+            OptEngine::load(&model_dir, &options)?
         }
     };
+    if options.policy.is_some() {
+        eprintln!(
+            "note: {}; each turn recomputes the conversation (KV reuse needs the in-memory path)",
+            EngineFlags::describe(&options)
+        );
+    }
     let tokenizer = OptTokenizer::from_dir(&tok_dir)?;
-    Ok((model, tokenizer))
+    Ok((engine, tokenizer))
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (model, tokenizer) = load(&args)?;
+    let (engine, tokenizer) = load(&args)?;
     let base = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -174,8 +180,10 @@ fn main() -> Result<()> {
             .context("cannot install the Ctrl-C handler")?;
     }
 
-    let mut chat = ChatSession::new(&model, args.system.clone());
-    chat.set_reuse_cache(!args.no_kv_reuse);
+    let mut chat = ChatSession::for_engine(&engine, args.system.clone());
+    if args.no_kv_reuse {
+        chat.set_reuse_cache(false);
+    }
     let mut input = Input::new()?;
     if std::io::stdin().is_terminal() {
         eprintln!("Type a message; an empty line exits, /reset starts over, Ctrl-C stops a reply.");
@@ -204,7 +212,7 @@ fn main() -> Result<()> {
         let mut first_token = None;
         let mut started = false;
         let mut write_err = None;
-        let result = chat.send(&model, &tokenizer, line, &cfg, |ev| {
+        let result = chat.send_engine(&engine, &tokenizer, line, &cfg, |ev| {
             first_token.get_or_insert_with(|| start.elapsed());
             // The reply starts after "Assistant:"; its leading space is already printed.
             let text = if started {
@@ -246,7 +254,7 @@ fn main() -> Result<()> {
             eprintln!(
                 "note: the conversation outgrew the model's {} positions: dropped the oldest {} \
                  exchange(s), kept the preamble and rebuilt the cache",
-                chat.session().capacity(),
+                chat.capacity(),
                 reply.dropped_turns
             );
         }

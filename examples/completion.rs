@@ -6,6 +6,10 @@
 //! cargo run --release --example completion -- --model ~/models/opt-1.3b --few-shot
 //! ```
 //!
+//! The policy and compression flags (`--percent`, `--gpu-batch-size`, `--num-gpu-batches`,
+//! `--compress-weight`, `--compress-cache`, ...) run the same prompts offloaded, e.g. every
+//! weight streamed from disk: `--percent 0 0 100 0 100 0`.
+//!
 //! `--few-shot` is FlexGen's completion app (`flexgen/apps/completion.py`): without a prompt it
 //! completes FlexGen's two few-shot prompts, and it samples as that app does (temperature 0.7,
 //! stop at the end of the line) unless `--temperature` / `--stop` say otherwise.
@@ -16,8 +20,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use flexgen::cli::resolve_tokenizer_dir;
-use flexgen::opt::{GenerationConfig, Pipeline};
-use flexgen_opt::{FinishReason, LoadOptions, OptModel, OptTokenizer};
+use flexgen::opt::GenerationConfig;
+use flexgen_opt::{FinishReason, Flow, OptEngine, OptTokenizer};
+
+#[path = "common/engine_flags.rs"]
+mod engine_flags;
+use engine_flags::EngineFlags;
 
 /// Generate continuations of text prompts with an OPT model from a Hugging Face folder.
 #[derive(Parser, Debug)]
@@ -63,10 +71,9 @@ struct Args {
     /// Print one JSON object per prompt, in input order: {"prompt", "token_ids", "text"}.
     #[arg(long)]
     json: bool,
-    /// Quantize every 2-D weight to 4 bits (groups of 64) as it is loaded: about 0.28x the
-    /// memory of f16 and faster decoding, at some accuracy cost (see BENCHMARKS.md).
-    #[arg(long)]
-    compress_weight: bool,
+    /// Placement and compression (all in memory unless a flag says otherwise).
+    #[command(flatten)]
+    engine: EngineFlags,
 }
 
 /// The two few-shot prompts of FlexGen's completion app (`flexgen/apps/completion.py`).
@@ -129,15 +136,12 @@ fn main() -> Result<()> {
             tok_dir.display()
         );
     }
-    let load = LoadOptions {
-        compress_weight: args
-            .compress_weight
-            .then_some(flexgen::quant::CompressionConfig::WEIGHT_4BIT),
-        ..LoadOptions::default()
-    };
-    let model = OptModel::load(&args.model, &load)?;
+    let options = args.engine.engine_options()?;
+    if options.policy.is_some() {
+        eprintln!("note: {}", EngineFlags::describe(&options));
+    }
+    let engine = OptEngine::load(&args.model, &options)?;
     let tokenizer = OptTokenizer::from_dir(&tok_dir)?;
-    let pipe = Pipeline::new(model, tokenizer);
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature.unwrap_or(default_temperature),
@@ -147,8 +151,11 @@ fn main() -> Result<()> {
         stop_strings,
         ..GenerationConfig::default()
     };
-    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let outs = pipe.generate(&refs, &cfg)?;
+    let ids = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<flexgen_opt::Result<Vec<_>>>()?;
+    let outs = engine.generate(&ids, &cfg, Some(&tokenizer), |_| Flow::Continue)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for (prompt, o) in prompts.iter().zip(&outs) {

@@ -236,3 +236,45 @@ fn malformed_lines_are_reported_with_their_numbers() {
     assert!(batch(&input, &output, &["--resume"]).status.success());
     assert_eq!(read_jsonl(&output).len(), written.len());
 }
+
+#[test]
+fn an_offloaded_batch_writes_the_in_memory_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let rows = rows();
+    write_rows(&input, &rows);
+    let plain = dir.path().join("plain.jsonl");
+    assert!(batch(&input, &plain, &[]).status.success());
+    let offloaded = dir.path().join("offloaded.jsonl");
+    let offload_dir = dir.path().join("offload");
+    std::fs::create_dir(&offload_dir).unwrap();
+    let out = batch(
+        &input,
+        &offloaded,
+        &[
+            "--percent",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "0",
+            "--gpu-batch-size",
+            "3",
+            "--num-gpu-batches",
+            "2",
+            "--offload-dir",
+            offload_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (want, got) = (by_id(&read_jsonl(&plain)), by_id(&read_jsonl(&offloaded)));
+    assert_eq!(got.len(), 50);
+    for (id, line) in &want {
+        assert_eq!(&got[id], line, "row {id}");
+    }
+}

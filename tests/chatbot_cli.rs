@@ -231,3 +231,61 @@ fn bad_input_is_reported_and_the_chat_goes_on() {
     let (ok, err) = run(&["--model", model.to_str().unwrap(), "--top-p", "2"]);
     assert!(!ok && err.contains("top_p"), "{err}");
 }
+
+#[test]
+fn offloaded_chat_gives_the_in_memory_replies_including_overflow() {
+    // Weights streamed from disk, small micro-batches, no overlap: same greedy transcript as
+    // the in-memory chat with KV reuse, through the context overflow too.
+    let input: String = (0..6)
+        .map(|i| format!("message {i} with a few more words\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let in_memory = chat(&input, &["--stats"]);
+    for flags in [
+        vec!["--percent", "0", "0", "100", "0", "100", "0"],
+        vec![
+            "--percent",
+            "30",
+            "30",
+            "50",
+            "0",
+            "100",
+            "0",
+            "--overlap",
+            "false",
+        ],
+    ] {
+        let mut args = flags.clone();
+        args.extend(["--offload-dir", dir.path().to_str().unwrap(), "--stats"]);
+        let offloaded = chat(&input, &args);
+        assert_eq!(
+            String::from_utf8_lossy(&offloaded.stdout),
+            String::from_utf8_lossy(&in_memory.stdout),
+            "{flags:?}"
+        );
+        let err = String::from_utf8_lossy(&offloaded.stderr);
+        assert!(err.contains("offloaded: --percent"), "{err}");
+        assert!(err.contains("dropped the oldest"), "{err}");
+        // Each turn prefills the whole conversation.
+        assert!(
+            stats(&offloaded.stderr).iter().all(|&(r, _)| r == 0),
+            "{err}"
+        );
+    }
+    // Compressed cache: runs, replies every turn (values differ from the f32 cache).
+    let out = chat("hello\nhow are you\n", &["--compress-cache"]);
+    assert_eq!(replies(&out.stdout).len(), 2);
+    // An impossible policy is refused before the chat starts, naming the number.
+    let out = Command::new(example("chatbot"))
+        .arg("--model")
+        .arg(fixture("tiny-preln-f32"))
+        .args(["--percent", "80", "30", "100", "0", "100", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("wg+wc") && !err.contains("panicked"),
+        "{err}"
+    );
+}

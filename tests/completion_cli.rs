@@ -124,3 +124,83 @@ fn completion_without_prompt_runs_flexgens_few_shot_prompts() {
         assert!(!line["text"].as_str().unwrap().contains('\n'), "{line}");
     }
 }
+
+#[test]
+fn completion_under_an_offloading_policy_matches_hf_greedy() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-postln-proj").join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompts: Vec<String> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |flags: &[&str]| {
+        let mut cmd = Command::new(example("completion"));
+        cmd.arg("--model").arg(fixture("tiny-postln-proj"));
+        for p in &prompts {
+            cmd.args(["--prompt", p]);
+        }
+        let out = cmd
+            .args(["--max-new-tokens", "8", "--json", "--offload-dir"])
+            .arg(dir.path())
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), prompts.len(), "{flags:?}");
+        lines
+    };
+    // Weights on disk, two blocks of micro-batches of one row: HF's greedy tokens.
+    for flags in [
+        &[
+            "--percent",
+            "0",
+            "0",
+            "100",
+            "0",
+            "100",
+            "0",
+            "--gpu-batch-size",
+            "1",
+            "--num-gpu-batches",
+            "2",
+        ][..],
+        &[
+            "--percent",
+            "50",
+            "20",
+            "0",
+            "100",
+            "100",
+            "0",
+            "--overlap",
+            "false",
+        ][..],
+    ] {
+        for (row, line) in run(flags).iter().enumerate() {
+            assert_eq!(
+                line["token_ids"], r["greedy_new_tokens"][row],
+                "{flags:?} row {row}"
+            );
+        }
+    }
+    // Compressed cache and weights: every row still generates (values differ from f32).
+    for line in run(&["--compress-cache", "--compress-weight"]) {
+        assert!(!line["token_ids"].as_array().unwrap().is_empty(), "{line}");
+    }
+    // The offload directory is left empty (private subfolders removed).
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

@@ -825,3 +825,48 @@ async fn batches_stay_within_the_kv_cache_budget() {
     assert_eq!(metric(&m, "flexgen_batch_size_max"), 2.0, "{m}");
     assert_eq!(metric(&m, "flexgen_batch_size_sum"), 6.0, "{m}");
 }
+
+#[tokio::test]
+async fn an_offloaded_server_answers_like_the_library() {
+    // Weights streamed from disk, KV cache in RAM; concurrent requests still share blocks.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&[
+        "--model",
+        fixture(MODEL).to_str().unwrap(),
+        "--percent",
+        "0",
+        "0",
+        "100",
+        "0",
+        "100",
+        "0",
+        "--offload-dir",
+        dir.path().to_str().unwrap(),
+        "--batch-window-ms",
+        "300",
+    ]);
+    let c = client();
+    let r = Reference::new();
+    let prompts = [
+        "Paris is the capital city of",
+        "Hello, my name is",
+        "The",
+        "Why",
+    ];
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let (c, url) = (c.clone(), s.url("/v1/completions"));
+        let body = json!({"model": MODEL, "prompt": p, "max_tokens": 7, "temperature": 0});
+        tasks.push(tokio::spawn(
+            async move { post(&c, &url, &body, None).await },
+        ));
+    }
+    for (p, t) in prompts.iter().zip(tasks) {
+        let (status, v) = t.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        let (text, _, _) = r.greedy(p, &GenerationConfig::greedy(7));
+        assert_eq!(v["choices"][0]["text"], text, "{p}");
+    }
+    let m = metrics(&c, &s).await;
+    assert!(metric(&m, "flexgen_completion_tokens_total") >= 4.0, "{m}");
+}

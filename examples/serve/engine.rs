@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use flexgen_opt::{generate_rows, FinishReason, Flow, GenerationConfig, OptModel, OptTokenizer};
+use flexgen_opt::{FinishReason, Flow, GenerationConfig, OptEngine, OptTokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use flexgen::serve::{ApiError, Event, Metrics};
@@ -67,7 +67,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread, which owns the model from now on.
     pub fn start(
-        model: OptModel,
+        model: OptEngine,
         tokenizer: Arc<OptTokenizer>,
         opts: EngineOptions,
         metrics: Arc<Metrics>,
@@ -155,7 +155,7 @@ fn next_batch(queue: &Queue, opts: &EngineOptions, metrics: &Metrics) -> Vec<Job
 }
 
 /// Runs one batch to the end, streaming every row's tokens to its request.
-fn run_batch(model: &OptModel, tok: &OptTokenizer, batch: Vec<Job>, metrics: &Metrics) {
+fn run_batch(model: &OptEngine, tok: &OptTokenizer, batch: Vec<Job>, metrics: &Metrics) {
     metrics.batch(batch.len());
     metrics.running.store(batch.len(), Ordering::Relaxed);
     let prompts: Vec<Vec<u32>> = batch.iter().map(|j| j.spec.prompt.clone()).collect();
@@ -163,7 +163,7 @@ fn run_batch(model: &OptModel, tok: &OptTokenizer, batch: Vec<Job>, metrics: &Me
     let mut notified = vec![false; batch.len()];
     let mut started = false;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        generate_rows(model, &prompts, &cfgs, Some(tok), |ev| {
+        model.generate_rows(&prompts, &cfgs, Some(tok), |ev| {
             started = true;
             metrics.token();
             let job = &batch[ev.row];

@@ -3,7 +3,13 @@
 //! ```text
 //! cargo run --release --example serve -- --model ~/models/opt-1.3b --port 8000
 //! cargo run --release --example serve -- --dummy facebook/opt-1.3b   # random weights (benchmarks)
+//! cargo run --release --example serve -- --model ~/models/opt-6.7b --percent 0 0 100 0 100 0
 //! ```
+//!
+//! With the policy and compression flags (`--percent`, `--gpu-batch-size`,
+//! `--num-gpu-batches`, `--compress-weight`, `--compress-cache`, ...) the model runs under the
+//! offloading runtime: a batch runs as blocks whose every layer's weights are read once per
+//! token, which is what makes a model larger than RAM usable by many clients at once.
 //!
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` for
 //! server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text) and
@@ -12,6 +18,9 @@
 
 mod engine;
 mod routes;
+
+#[path = "../common/engine_flags.rs"]
+mod engine_flags;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -22,12 +31,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use flexgen::cli::{bundled_tokenizer_dir, resolve_tokenizer_dir};
-use flexgen::core::DType;
-use flexgen_opt::{LoadOptions, OptConfig, OptModel, OptTokenizer};
+use flexgen_opt::{OptConfig, OptEngine, OptTokenizer};
 
 use flexgen::serve::Metrics;
 
 use crate::engine::{Engine, EngineOptions};
+use crate::engine_flags::EngineFlags;
 use crate::routes::AppState;
 
 /// Serve an OPT model over OpenAI's HTTP API, with a chat page at `/`.
@@ -41,9 +50,11 @@ struct Args {
     /// meaningless text, real speed.
     #[arg(long, value_name = "NAME")]
     dummy: Option<String>,
-    /// Weight dtype: f32, f16 or bf16 (default: the checkpoint's; f16 for --dummy).
-    #[arg(long)]
-    dtype: Option<String>,
+    /// Placement and compression (all in memory unless a flag says otherwise). Offloaded, a
+    /// batch runs as blocks of --gpu-batch-size x --num-gpu-batches rows (default: one block
+    /// of --max-batch rows).
+    #[command(flatten)]
+    engine: EngineFlags,
     /// Seed of the dummy weights.
     #[arg(long, default_value_t = 0)]
     dummy_seed: u64,
@@ -66,8 +77,9 @@ struct Args {
     /// Rows (requests' choices) per batch at most.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
-    /// How long an idle engine waits for more requests to join the first one (ms).
-    #[arg(long, default_value_t = 5)]
+    /// How long an idle engine waits for more requests to join the first one (ms); small
+    /// next to one decode step of a real model on a CPU (hundreds of ms for OPT-1.3B).
+    #[arg(long, default_value_t = 50)]
     batch_window_ms: u64,
     /// Rows allowed to wait in the queue; more get 429.
     #[arg(long, default_value_t = 1024)]
@@ -81,30 +93,28 @@ struct Args {
     max_body_bytes: usize,
 }
 
-fn load(args: &Args) -> Result<(OptModel, String, PathBuf)> {
-    let dtype: Option<DType> = args
-        .dtype
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .context("bad --dtype")?;
+fn load(args: &Args) -> Result<(OptEngine, String, PathBuf)> {
+    let mut options = args.engine.engine_options()?;
+    if let Some(policy) = &mut options.policy {
+        // One block per batch unless the flags shape it.
+        if args.engine.gpu_batch_size.is_none() && args.engine.num_gpu_batches.is_none() {
+            policy.gpu_batch_size = args.max_batch;
+            policy.num_gpu_batches = 1;
+            policy.validate()?;
+        }
+    }
+    eprintln!("model runs {}", EngineFlags::describe(&options));
     if let Some(name) = &args.dummy {
         let cfg = OptConfig::from_name(name)?;
         eprintln!("generating dummy weights for {name} ...");
-        let model = OptModel::dummy(cfg, dtype.unwrap_or(DType::F16), args.dummy_seed)?;
+        let model = OptEngine::dummy(cfg, args.dummy_seed, &options)?;
         return Ok((model, name.clone(), bundled_tokenizer_dir()));
     }
     let Some(dir) = &args.model else {
         bail!("give --model DIR or --dummy NAME");
     };
-    let model = OptModel::load(
-        dir,
-        &LoadOptions {
-            dtype,
-            ..LoadOptions::default()
-        },
-    )
-    .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let model = OptEngine::load(dir, &options)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let name = dir
         .canonicalize()
         .ok()

@@ -25,11 +25,13 @@
 //! | [`generate`], [`GenerationConfig`] | batched generation with a per-token callback |
 //! | [`Pipeline`] | model + tokenizer, text in, text out |
 //! | [`OffloadedOpt`] | the model under an offloading [`flexgen_offload::Policy`] (weights and cache on disk) |
+//! | [`OptEngine`] | either of the two above behind one `generate` (what the applications take) |
 //! | [`Session`], [`ChatSession`] | a KV cache kept across calls; FlexGen's chatbot on it |
 
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod kv_cache;
@@ -46,6 +48,7 @@ pub mod weights;
 pub use chat::{ChatMessage, Role};
 pub use checkpoint::Checkpoint;
 pub use config::OptConfig;
+pub use engine::{EngineOptions, OptEngine};
 pub use error::{Error, Result};
 pub use flexgen_quant::CompressionConfig;
 pub use generation::{

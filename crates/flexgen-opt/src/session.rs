@@ -32,6 +32,7 @@
 
 use crate::chat::{render, ChatMessage, Role};
 use crate::config::OptConfig;
+use crate::engine::OptEngine;
 use crate::error::{Error, Result};
 use crate::generation::{
     validate_config, validate_prompt, FinishReason, Flow, GenerationConfig, GenerationOutput,
@@ -81,7 +82,12 @@ impl Session {
     /// An empty session holding at most `capacity` tokens (clamped to the model's positions),
     /// to bound its memory.
     pub fn with_capacity(model: &OptModel, capacity: usize) -> Self {
-        let config = model.config().clone();
+        Self::for_config(model.config(), capacity)
+    }
+
+    /// An empty session for a model of `config` holding at most `capacity` tokens.
+    fn for_config(config: &OptConfig, capacity: usize) -> Self {
+        let config = config.clone();
         let capacity = capacity.min(config.max_position_embeddings);
         Session {
             state: BatchState::new(&config, 1, capacity),
@@ -251,6 +257,10 @@ pub struct ChatReply {
 /// FlexGen's chatbot conversation over a [`Session`]: a preamble, `Human:` / `Assistant:`
 /// turns, replies that end at the end of their line, and the KV cache kept across turns.
 ///
+/// On an offloaded engine ([`ChatSession::for_engine`], [`ChatSession::send_engine`]) the
+/// offloading runtime owns the cache only for the duration of one call, so every turn prefills
+/// the whole (kept) conversation, as FlexGen's chatbot does; the reply is the same.
+///
 /// When the next prompt plus the reply would outgrow the session, the oldest exchanges are
 /// dropped (the preamble is kept) and the cache is rebuilt from the preamble on; the
 /// [`ChatReply`] says how many were dropped.
@@ -261,6 +271,8 @@ pub struct ChatSession {
     /// Completed exchanges: user, assistant, user, assistant, ...
     turns: Vec<ChatMessage>,
     session: Session,
+    /// Tokens a prompt plus its reply may span.
+    capacity: usize,
     reuse_cache: bool,
 }
 
@@ -275,9 +287,31 @@ impl ChatSession {
         ChatSession {
             system,
             turns: Vec::new(),
+            capacity: session.capacity(),
             session,
             reuse_cache: true,
         }
+    }
+
+    /// A new conversation for either engine: over a [`Session`] (KV reuse) in memory; for an
+    /// offloaded engine, with no cache of its own (each turn recomputes the conversation).
+    pub fn for_engine(engine: &OptEngine, system: Option<String>) -> Self {
+        match engine {
+            OptEngine::InMemory(model) => Self::new(model, system),
+            OptEngine::Offloaded(model) => {
+                let config = model.config();
+                let mut chat = Self::with_session(Session::for_config(config, 0), system);
+                chat.capacity = config.max_position_embeddings;
+                chat.reuse_cache = false;
+                chat
+            }
+        }
+    }
+
+    /// Tokens a turn's prompt plus its reply may span (the model's positions, or the session's
+    /// smaller capacity); older exchanges are dropped beyond it.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Turns KV reuse across turns on (the default) or off (every turn recomputes the whole
@@ -317,7 +351,7 @@ impl ChatSession {
         user: &str,
         max_new_tokens: usize,
     ) -> Result<(Vec<u32>, usize, usize)> {
-        let capacity = self.session.capacity();
+        let capacity = self.capacity;
         let mut dropped = 0;
         loop {
             let mut msgs: Vec<ChatMessage> = self
@@ -348,6 +382,26 @@ impl ChatSession {
         }
     }
 
+    /// The prompt ids of the conversation plus `user` (already trimmed), the settings of the
+    /// reply (new-token limit that fits, `"\n"` stop added) and the exchanges to drop.
+    fn prepare(
+        &self,
+        tokenizer: &OptTokenizer,
+        user: &str,
+        cfg: &GenerationConfig,
+    ) -> Result<(Vec<u32>, GenerationConfig, usize)> {
+        if user.is_empty() {
+            return Err(Error::InvalidRequest("empty chat message".into()));
+        }
+        let (ids, dropped, max_new_tokens) = self.fit(tokenizer, user, cfg.max_new_tokens)?;
+        let mut cfg = cfg.clone();
+        cfg.max_new_tokens = max_new_tokens;
+        if !cfg.stop_strings.iter().any(|s| s == "\n") {
+            cfg.stop_strings.push("\n".into());
+        }
+        Ok((ids, cfg, dropped))
+    }
+
     /// Sends the human's message `user` and generates the assistant's reply, streaming it to
     /// `on_token`. A stop string `"\n"` is added to `cfg` (a reply is one line). The reply is
     /// recorded (also when the callback stopped it early); on error the conversation is
@@ -361,34 +415,74 @@ impl ChatSession {
         on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
     ) -> Result<ChatReply> {
         let user = user.trim();
-        if user.is_empty() {
-            return Err(Error::InvalidRequest("empty chat message".into()));
-        }
-        let (ids, dropped, max_new_tokens) = self.fit(tokenizer, user, cfg.max_new_tokens)?;
-        let mut cfg = cfg.clone();
-        cfg.max_new_tokens = max_new_tokens;
-        if !cfg.stop_strings.iter().any(|s| s == "\n") {
-            cfg.stop_strings.push("\n".into());
-        }
+        let (ids, cfg, dropped) = self.prepare(tokenizer, user, cfg)?;
+        let max_new_tokens = cfg.max_new_tokens;
         if !self.reuse_cache {
             self.session.clear();
         }
         let out = self
             .session
             .generate(model, &ids, &cfg, Some(tokenizer), on_token)?;
+        Ok(self.record(user, out, dropped, max_new_tokens))
+    }
+
+    /// [`ChatSession::send`] on either engine. In memory it is `send` (KV reuse); offloaded,
+    /// the whole conversation is prefilled by the offloading runtime (the reply's
+    /// `reused_tokens` is 0).
+    pub fn send_engine(
+        &mut self,
+        engine: &OptEngine,
+        tokenizer: &OptTokenizer,
+        user: &str,
+        cfg: &GenerationConfig,
+        on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
+    ) -> Result<ChatReply> {
+        let model = match engine {
+            OptEngine::InMemory(model) => {
+                return self.send(model, tokenizer, user, cfg, on_token);
+            }
+            OptEngine::Offloaded(model) => model,
+        };
+        if model.config() != &self.session.config {
+            return Err(Error::InvalidRequest(
+                "chat session used with a model other than the one it was made for".into(),
+            ));
+        }
+        let user = user.trim();
+        let (ids, cfg, dropped) = self.prepare(tokenizer, user, cfg)?;
+        let max_new_tokens = cfg.max_new_tokens;
+        let prefilled = ids.len();
+        let mut outs = model.generate_rows(&[ids], &[cfg], Some(tokenizer), on_token)?;
+        let out = SessionOutput {
+            output: outs.remove(0),
+            reused_tokens: 0,
+            prefilled_tokens: prefilled,
+        };
+        Ok(self.record(user, out, dropped, max_new_tokens))
+    }
+
+    /// Records an exchange: drops the `dropped` oldest ones, appends `user` and the reply's
+    /// first line.
+    fn record(
+        &mut self,
+        user: &str,
+        out: SessionOutput,
+        dropped: usize,
+        max_new_tokens: usize,
+    ) -> ChatReply {
         self.turns.drain(..2 * dropped);
         let text = out.output.text.trim().to_string();
         self.turns.push(ChatMessage::new(Role::User, user));
         self.turns
             .push(ChatMessage::new(Role::Assistant, text.clone()));
-        Ok(ChatReply {
+        ChatReply {
             text,
             output: out.output,
             dropped_turns: dropped,
             max_new_tokens,
             reused_tokens: out.reused_tokens,
             prefilled_tokens: out.prefilled_tokens,
-        })
+        }
     }
 }
 

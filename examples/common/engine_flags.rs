@@ -1,0 +1,152 @@
+//! The policy and compression flags the applications share (completion, chatbot, batch,
+//! serve), FlexGen's names and meanings: with none of them the model runs all in memory on the
+//! plain forward pass; with a placement, batch shape or a compressed cache it runs under the
+//! offloading runtime (`flexgen_opt::OffloadedOpt`) with that policy.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use flexgen::core::DType;
+use flexgen::offload::{OffloadOptions, Policy};
+use flexgen::opt::EngineOptions;
+use flexgen::quant::CompressionConfig;
+
+/// FlexGen's `str2bool`: yes/no, true/false, t/f, y/n, 1/0.
+fn str2bool(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "t" | "y" | "1" => Ok(true),
+        "no" | "false" | "f" | "n" | "0" => Ok(false),
+        _ => Err(format!(
+            "expected a boolean (true/false, yes/no, 1/0), got {s:?}"
+        )),
+    }
+}
+
+/// Where weights and KV cache live, and their compression.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EngineFlags {
+    /// Weight dtype: f32, f16 or bf16 (default: the checkpoint's). bf16 is the fast path on
+    /// CPUs with avx512_bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Quantize every 2-D weight to 4 bits (groups of 64) as it is loaded (FlexGen's
+    /// --compress-weight): about 0.28x the memory of f16, faster decoding, some accuracy cost.
+    #[arg(long)]
+    pub compress_weight: bool,
+    /// Keep the KV cache 4-bit group-wise quantized (FlexGen's --compress-cache); runs the
+    /// model under the offloading runtime (all in memory unless --percent says otherwise).
+    #[arg(long)]
+    pub compress_cache: bool,
+    /// Offloading placement `wg wc cg cc hg hc`: percent of weights, KV cache and activations
+    /// on the compute and host tiers (both RAM on the CPU); disk gets the rest. Example:
+    /// `--percent 0 0 100 0 100 0` streams every weight from disk.
+    #[arg(long, num_args = 6, value_names = ["WG", "WC", "CG", "CC", "HG", "HC"],
+          allow_negative_numbers = true)]
+    pub percent: Option<Vec<f64>>,
+    /// Sequences per micro-batch of the offloading schedule (default 4).
+    #[arg(long)]
+    pub gpu_batch_size: Option<usize>,
+    /// Micro-batches per block of the offloading schedule (default 1).
+    #[arg(long)]
+    pub num_gpu_batches: Option<usize>,
+    /// Overlap disk I/O with compute (default true).
+    #[arg(long, value_parser = str2bool)]
+    pub overlap: Option<bool>,
+    /// Where the disk tier's files go (a private subfolder, removed on exit).
+    #[arg(long)]
+    pub offload_dir: Option<PathBuf>,
+}
+
+impl EngineFlags {
+    /// True when a flag asks for the offloading runtime.
+    fn wants_policy(&self) -> bool {
+        self.percent.is_some()
+            || self.gpu_batch_size.is_some()
+            || self.num_gpu_batches.is_some()
+            || self.overlap.is_some()
+            || self.offload_dir.is_some()
+            || self.compress_cache
+    }
+
+    /// The weight dtype asked for.
+    pub fn dtype(&self) -> Result<Option<DType>> {
+        self.dtype
+            .as_deref()
+            .map(|d| {
+                d.parse::<DType>()
+                    .map_err(|e| anyhow::anyhow!("--dtype {d:?}: {e}"))
+            })
+            .transpose()
+    }
+
+    /// The offloading policy the flags describe (validated), or `None` for the in-memory path.
+    pub fn policy(&self) -> Result<Option<Policy>> {
+        if !self.wants_policy() {
+            return Ok(None);
+        }
+        let defaults = Policy::default();
+        let mut policy = Policy {
+            gpu_batch_size: self.gpu_batch_size.unwrap_or(defaults.gpu_batch_size),
+            num_gpu_batches: self.num_gpu_batches.unwrap_or(defaults.num_gpu_batches),
+            overlap: self.overlap.unwrap_or(defaults.overlap),
+            compress_weight: self.compress_weight,
+            compress_cache: self.compress_cache,
+            ..defaults
+        };
+        if let Some(p) = &self.percent {
+            let p: [f64; 6] = p
+                .as_slice()
+                .try_into()
+                .context("--percent takes six numbers: wg wc cg cc hg hc")?;
+            policy = policy.with_percent(p);
+        }
+        policy.validate()?;
+        Ok(Some(policy))
+    }
+
+    /// Everything `OptEngine::load` / `OptEngine::dummy` need.
+    pub fn engine_options(&self) -> Result<EngineOptions> {
+        let mut offload = OffloadOptions::default();
+        if let Some(dir) = &self.offload_dir {
+            offload.offload_dir = dir.clone();
+        }
+        Ok(EngineOptions {
+            dtype: self.dtype()?,
+            compress_weight: self
+                .compress_weight
+                .then_some(CompressionConfig::WEIGHT_4BIT),
+            policy: self.policy()?,
+            offload,
+        })
+    }
+
+    /// One line for stderr saying how the model runs.
+    pub fn describe(options: &EngineOptions) -> String {
+        match &options.policy {
+            None => format!(
+                "all in memory{}",
+                if options.compress_weight.is_some() {
+                    ", 4-bit weights"
+                } else {
+                    ""
+                }
+            ),
+            Some(p) => format!(
+                "offloaded: --percent {} --gpu-batch-size {} --num-gpu-batches {}{}{}",
+                p.percent().map(|v| v.to_string()).join(" "),
+                p.gpu_batch_size,
+                p.num_gpu_batches,
+                if p.compress_weight {
+                    " --compress-weight"
+                } else {
+                    ""
+                },
+                if p.compress_cache {
+                    " --compress-cache"
+                } else {
+                    ""
+                },
+            ),
+        }
+    }
+}
