@@ -20,6 +20,8 @@ pub(crate) struct Avx512;
 const ROWS_M1: usize = 4;
 /// Rows of `W` per tile when `m > 1`.
 const ROWS: usize = 4;
+/// Bytes of codes per block of W rows (`m > 1`).
+const W_BLOCK_BYTES: usize = 64 << 10;
 /// `f32` elements of `x` per block of rows (512 KiB, about a quarter of L2).
 const X_BLOCK_ELEMS: usize = 1 << 17;
 
@@ -105,6 +107,16 @@ unsafe fn tile<const BITS: u8, const R: usize, const M: usize>(
             (step[r], min[r]) = unsafe { params(wp.add(r * w.param_stride + 2 * g)) };
         }
         let cg = g * gb;
+        // Fetch the same group of the next tile's rows (the rows after these R) while this
+        // tile computes, so its loads find the lines in cache. Prefetches never fault, so
+        // addresses past the last row are harmless.
+        for r in R..2 * R {
+            let ahead = wc.wrapping_add(r * w.code_stride + cg);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            if g % 16 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(r * w.param_stride + 2 * g).cast());
+            }
+        }
         if BITS == 4 {
             let mut tab = [_mm512_setzero_ps(); R];
             for r in 0..R {
@@ -202,37 +214,47 @@ fn gemv_bits<const BITS: u8>(w: Rows<'_>, x: &[f32], m: usize, out_t: &mut [f32]
         return;
     }
     let mb = (X_BLOCK_ELEMS / k.max(1)).max(4).next_multiple_of(4);
+    // Rows of W per block: their codes (about W_BLOCK_BYTES) stay in L2 while every group of
+    // four x rows runs over them, and those x rows stay in L1 across the block's tiles.
+    let rb = (W_BLOCK_BYTES / w.code_stride.max(1))
+        .max(ROWS)
+        .next_multiple_of(ROWS);
     let mut i0 = 0;
     while i0 < m {
         let i1 = m.min(i0 + mb);
-        let mut r = 0;
-        while r < rows {
-            let rr = if rows - r >= ROWS { ROWS } else { 1 };
-            let (c, p) = row(r);
+        let mut b0 = 0;
+        while b0 < rows {
+            let b1 = rows.min(b0 + rb);
             let mut i = i0;
             while i < i1 {
                 let mm = (i1 - i).min(4);
-                let (xi, ti, oi) = (
-                    xp.wrapping_add(i * k),
-                    tp.wrapping_add(i * w.gs),
-                    op.wrapping_add(r * m + i),
-                );
-                // SAFETY: see the `m == 1` branch; x rows `i .. i + mm <= m`.
-                unsafe {
-                    match (rr, mm) {
-                        (ROWS, 4) => tile::<BITS, ROWS, 4>(&w, c, p, xi, ti, oi, m),
-                        (ROWS, 3) => tile::<BITS, ROWS, 3>(&w, c, p, xi, ti, oi, m),
-                        (ROWS, 2) => tile::<BITS, ROWS, 2>(&w, c, p, xi, ti, oi, m),
-                        (ROWS, _) => tile::<BITS, ROWS, 1>(&w, c, p, xi, ti, oi, m),
-                        (_, 4) => tile::<BITS, 1, 4>(&w, c, p, xi, ti, oi, m),
-                        (_, 3) => tile::<BITS, 1, 3>(&w, c, p, xi, ti, oi, m),
-                        (_, 2) => tile::<BITS, 1, 2>(&w, c, p, xi, ti, oi, m),
-                        _ => tile::<BITS, 1, 1>(&w, c, p, xi, ti, oi, m),
+                let mut r = b0;
+                while r < b1 {
+                    let rr = if b1 - r >= ROWS { ROWS } else { 1 };
+                    let (c, p) = row(r);
+                    let (xi, ti, oi) = (
+                        xp.wrapping_add(i * k),
+                        tp.wrapping_add(i * w.gs),
+                        op.wrapping_add(r * m + i),
+                    );
+                    // SAFETY: see the `m == 1` branch; x rows `i .. i + mm <= m`.
+                    unsafe {
+                        match (rr, mm) {
+                            (ROWS, 4) => tile::<BITS, ROWS, 4>(&w, c, p, xi, ti, oi, m),
+                            (ROWS, 3) => tile::<BITS, ROWS, 3>(&w, c, p, xi, ti, oi, m),
+                            (ROWS, 2) => tile::<BITS, ROWS, 2>(&w, c, p, xi, ti, oi, m),
+                            (ROWS, _) => tile::<BITS, ROWS, 1>(&w, c, p, xi, ti, oi, m),
+                            (_, 4) => tile::<BITS, 1, 4>(&w, c, p, xi, ti, oi, m),
+                            (_, 3) => tile::<BITS, 1, 3>(&w, c, p, xi, ti, oi, m),
+                            (_, 2) => tile::<BITS, 1, 2>(&w, c, p, xi, ti, oi, m),
+                            _ => tile::<BITS, 1, 1>(&w, c, p, xi, ti, oi, m),
+                        }
                     }
+                    r += rr;
                 }
                 i += mm;
             }
-            r += rr;
+            b0 = b1;
         }
         i0 = i1;
     }
