@@ -177,48 +177,50 @@ fn fused(
     out: &mut [f32],
 ) {
     let (n, k) = (w.rows, w.cols);
-    // The kernels write out transposed (`n x m`) so each task owns a contiguous block.
-    let mut tmp = Vec::new();
-    let out_t: &mut [f32] = if m == 1 {
-        out
-    } else {
-        tmp.resize(m * n, 0.0);
-        &mut tmp
-    };
-    let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
-        let r0 = c * chunk_rows;
-        let rows = ot.len() / m;
-        // SAFETY: `level` was checked with `ensure_available`.
-        dispatch!(level, K => unsafe { K::gemv(w.sub(r0, rows), x, m, ot) });
-        if let Some(b) = bias {
-            for (row, &bj) in ot.chunks_exact_mut(m).zip(&b[r0..r0 + rows]) {
-                for v in row {
-                    *v += bj;
+    // The kernels write out transposed (`n x m`) so each task owns a contiguous block; for
+    // `m > 1` that block lives in this thread's reused scratch (every element is written by
+    // the kernel), then is transposed into `out`.
+    let run = |out_t: &mut [f32]| {
+        let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
+            let r0 = c * chunk_rows;
+            let rows = ot.len() / m;
+            // SAFETY: `level` was checked with `ensure_available`.
+            dispatch!(level, K => unsafe { K::gemv(w.sub(r0, rows), x, m, ot) });
+            if let Some(b) = bias {
+                for (row, &bj) in ot.chunks_exact_mut(m).zip(&b[r0..r0 + rows]) {
+                    for v in row {
+                        *v += bj;
+                    }
                 }
             }
+        };
+        if n * k * m < 1 << 16 {
+            task((0, out_t), n);
+        } else {
+            let threads = rayon::current_num_threads().max(1);
+            let chunk_rows = n
+                .div_ceil(threads * 4)
+                .max((1 << 14) / k)
+                .next_multiple_of(8)
+                .min(n);
+            out_t
+                .par_chunks_mut(chunk_rows * m)
+                .enumerate()
+                .for_each(|c| task(c, chunk_rows));
         }
     };
-    if n * k * m < 1 << 16 {
-        task((0, out_t), n);
-    } else {
-        let threads = rayon::current_num_threads().max(1);
-        let chunk_rows = n
-            .div_ceil(threads * 4)
-            .max((1 << 14) / k)
-            .next_multiple_of(8)
-            .min(n);
-        out_t
-            .par_chunks_mut(chunk_rows * m)
-            .enumerate()
-            .for_each(|c| task(c, chunk_rows));
+    if m == 1 {
+        run(out);
+        return;
     }
-    if m > 1 {
+    with_scratch(m * n, |tmp| {
+        run(tmp);
         for (j, col) in tmp.chunks_exact(m).enumerate() {
             for (i, &v) in col.iter().enumerate() {
                 out[i * n + j] = v;
             }
         }
-    }
+    });
 }
 
 /// Dequantizes rows `r0 .. r0 + out.len() / k` of a rank-2 `w` into `out` (row-major), in
