@@ -4,14 +4,14 @@
 //!   8-bit groups of a multiple of 16): the SIMD kernels of [`crate::simd`] read each row's
 //!   codes once per block of `x` rows and never materialise the dequantized matrix; rayon splits
 //!   the output rows.
-//! - Panel path (larger `m`, or other layouts): panels of rows are dequantized into a reused
-//!   `f32` scratch (a few MiB, never the whole matrix) and multiplied with the `gemm` crate,
-//!   FlexGen's "decompress then compute" applied per panel.
+//! - Panel path (larger `m`, or other layouts): panels of rows are dequantized into an `f32`
+//!   buffer (a few MiB, never the whole matrix) and multiplied with flexgen-core's `linear`
+//!   (its packed-panel GEMM at large `m`), FlexGen's "decompress then compute" per panel.
 
 use std::cell::RefCell;
 
-use flexgen_core::{simd_level, SimdLevel};
-use gemm::Parallelism;
+use flexgen_core::kernels;
+use flexgen_core::{simd_level, Matrix, SimdLevel, Storage};
 use rayon::prelude::*;
 
 use crate::codec;
@@ -21,7 +21,7 @@ use crate::tensor::QuantizedTensor;
 
 const OP: &str = "linear_packed";
 
-/// Largest `m` (rows of `x`) served by the fused kernels; above it, dequantized panels + `gemm`.
+/// Largest `m` (rows of `x`) served by the fused kernels; above it, dequantized panels + flexgen-core's `linear`.
 pub const FUSED_MAX_M: usize = 64;
 
 /// Weight values dequantized per panel on the panel path (4 MiB of `f32`).
@@ -33,7 +33,7 @@ pub enum PackedPath {
     /// SIMD kernels reading the codes directly (falls back to the panel path for layouts
     /// without a fused kernel).
     Fused,
-    /// Dequantize panels of rows to `f32`, then `gemm`.
+    /// Dequantize panels of rows to `f32`, then flexgen-core's `linear`.
     Panels,
 }
 
@@ -109,7 +109,7 @@ pub fn linear_packed_path(
     let rows = row_view(w);
     match rows {
         Some(r) if path == PackedPath::Fused && r.fused() => fused(level, r, x, m, bias, out),
-        _ => panels(level, w, x, m, bias, out),
+        _ => panels(level, w, x, m, bias, out)?,
     }
     Ok(())
 }
@@ -273,72 +273,31 @@ fn panels(
     m: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
-) {
+) -> Result<()> {
     let (n, k) = (w.shape()[0], w.shape()[1]);
-    if let Some(b) = bias {
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    }
     let panel_rows = (PANEL_ELEMS / k).clamp(16, n.max(16)).min(n);
-    with_scratch(panel_rows * k, |scratch| {
-        let mut j0 = 0;
-        while j0 < n {
-            let p = panel_rows.min(n - j0);
-            let dst = &mut scratch[..p * k];
-            dequant_rows(level, w, j0, dst);
-            // SAFETY: `dst` holds rows `j0..j0 + p` of `W` (`p x k`); `out[.., j0..j0 + p]`
-            // with row stride `n` lies inside the `m x n` output; no aliasing.
-            unsafe { gemm_xwt(m, p, k, x, dst, &mut out[j0..], n, bias.is_some()) };
-            j0 += p;
+    // A panel of W dequantized to f32 goes through flexgen-core's own linear (its packed-panel
+    // GEMM at large m), into `tmp` (`m x p`), then into columns `j0..j0 + p` of `out`.
+    let mut panel: Vec<f32> = Vec::with_capacity(panel_rows * k);
+    let mut tmp = vec![0.0f32; m * panel_rows];
+    let mut j0 = 0;
+    while j0 < n {
+        let p = panel_rows.min(n - j0);
+        panel.resize(p * k, 0.0);
+        dequant_rows(level, w, j0, &mut panel);
+        let mat = Matrix::from_f32(p, k, std::mem::take(&mut panel))?;
+        let b = bias.map(|b| &b[j0..j0 + p]);
+        let result = kernels::linear_with_level(level, x, m, &mat, b, &mut tmp[..m * p]);
+        if let Storage::F32(v) = mat.into_storage() {
+            panel = v;
         }
-    });
-}
-
-/// `out[i * out_rs + j] (+)= sum_l x[i * k + l] * w[j * k + l]` for `i < m`, `j < n`.
-///
-/// # Safety
-/// `x.len() >= m * k`, `w.len() >= n * k`, `out.len() >= (m - 1) * out_rs + n`,
-/// `out_rs >= n`, `m, n, k > 0`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_xwt(
-    m: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    w: &[f32],
-    out: &mut [f32],
-    out_rs: usize,
-    accumulate: bool,
-) {
-    assert!(x.len() >= m * k && w.len() >= n * k);
-    assert!(out_rs >= n && out.len() >= (m - 1) * out_rs + n);
-    // SAFETY: every accessed element is in bounds (asserted above): dst (i, j) at
-    // `i * out_rs + j`, lhs (i, l) at `i * k + l`, rhs (l, j) = W[j, l] at `j * k + l`.
-    // With `read_dst == false` gemm ignores the destination's old contents.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            out_rs as isize,
-            accumulate,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        )
+        result?;
+        for (dst, src) in out.chunks_exact_mut(n).zip(tmp.chunks_exact(p)) {
+            dst[j0..j0 + p].copy_from_slice(src);
+        }
+        j0 += p;
     }
+    Ok(())
 }
 
 thread_local! {
