@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use flexgen::cli::str2bool;
 use flexgen::core::DType;
 use flexgen::offload::search::{self as ps, Choice, ModelShape, Prediction, SearchOptions};
 use flexgen::offload::{OffloadOptions, Policy, Tier};
@@ -30,17 +31,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// FlexGen's path value meaning "deterministic dummy weights, no files".
 const DUMMY_WEIGHT: &str = "_DUMMY_";
-
-/// FlexGen's `str2bool`: yes/no, true/false, t/f, y/n, 1/0.
-fn str2bool(s: &str) -> std::result::Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "yes" | "true" | "t" | "y" | "1" => Ok(true),
-        "no" | "false" | "f" | "n" | "0" => Ok(false),
-        _ => Err(format!(
-            "expected a boolean (true/false, yes/no, 1/0), got {s:?}"
-        )),
-    }
-}
 
 /// Benchmark OPT generation throughput under an offloading policy (FlexGen's flex_opt).
 #[derive(Parser, Debug)]

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use flexgen::cli::str2bool;
 use flexgen::core::DType;
 use flexgen::offload::search::{
     default_profile_path, load_or_calibrate, predict, search, CalibrationSettings, Choice,
@@ -31,17 +32,6 @@ use flexgen::opt::OptConfig;
 
 /// FlexGen's path value meaning "deterministic dummy weights, no files".
 const DUMMY_WEIGHT: &str = "_DUMMY_";
-
-/// FlexGen's `str2bool`.
-fn str2bool(s: &str) -> std::result::Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "yes" | "true" | "t" | "y" | "1" => Ok(true),
-        "no" | "false" | "f" | "n" | "0" => Ok(false),
-        _ => Err(format!(
-            "expected a boolean (true/false, yes/no, 1/0), got {s:?}"
-        )),
-    }
-}
 
 /// Bytes from `6G`, `512M`, `1.5GiB`, `10GB` (powers of 1024) or a plain number of GiB.
 fn parse_size(s: &str) -> std::result::Result<u64, String> {

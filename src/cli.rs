@@ -8,6 +8,18 @@ pub fn bundled_tokenizer_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/opt-tokenizer")
 }
 
+/// FlexGen's `str2bool` for boolean flags that take a value (`--overlap false`): yes/no,
+/// true/false, t/f, y/n, 1/0, any case.
+pub fn str2bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "t" | "y" | "1" => Ok(true),
+        "no" | "false" | "f" | "n" | "0" => Ok(false),
+        _ => Err(format!(
+            "expected a boolean (true/false, yes/no, 1/0), got {s:?}"
+        )),
+    }
+}
+
 fn has_tokenizer(dir: &Path) -> bool {
     dir.join("tokenizer.json").exists()
         || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())

@@ -6,21 +6,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use flexgen::cli::str2bool;
 use flexgen::core::DType;
 use flexgen::offload::{OffloadOptions, Policy};
 use flexgen::opt::EngineOptions;
 use flexgen::quant::CompressionConfig;
-
-/// FlexGen's `str2bool`: yes/no, true/false, t/f, y/n, 1/0.
-fn str2bool(s: &str) -> std::result::Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "yes" | "true" | "t" | "y" | "1" => Ok(true),
-        "no" | "false" | "f" | "n" | "0" => Ok(false),
-        _ => Err(format!(
-            "expected a boolean (true/false, yes/no, 1/0), got {s:?}"
-        )),
-    }
-}
 
 /// Where weights and KV cache live, and their compression.
 #[derive(clap::Args, Debug, Clone, Default)]
