@@ -18,6 +18,22 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Runs a `completion --json` command, asserts it succeeded (naming `what` and its stderr
+/// otherwise) and returns its output lines parsed.
+fn json_lines(cmd: &mut Command, what: &str) -> Vec<Value> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn completion_json_matches_hf_greedy_in_input_order() {
     let r: Value = serde_json::from_str(
@@ -33,24 +49,15 @@ fn completion_json_matches_hf_greedy_in_input_order() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("prompts.txt");
     std::fs::write(&file, format!("{}\n{}\n", prompts[1], prompts[2])).unwrap();
-    let out = Command::new(example("completion"))
-        .arg("--model")
-        .arg(fixture("tiny-postln-proj"))
-        .args(["--prompt", prompts[0], "--prompts-file"])
-        .arg(&file)
-        .args(["--max-new-tokens", "8", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let lines = json_lines(
+        Command::new(example("completion"))
+            .arg("--model")
+            .arg(fixture("tiny-postln-proj"))
+            .args(["--prompt", prompts[0], "--prompts-file"])
+            .arg(&file)
+            .args(["--max-new-tokens", "8", "--json"]),
+        "completion",
     );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 3);
     for (row, line) in lines.iter().enumerate() {
         assert_eq!(line["prompt"], prompts[row]);
@@ -144,22 +151,10 @@ fn completion_under_an_offloading_policy_matches_hf_greedy() {
         for p in &prompts {
             cmd.args(["--prompt", p]);
         }
-        let out = cmd
-            .args(["--max-new-tokens", "8", "--json", "--offload-dir"])
+        cmd.args(["--max-new-tokens", "8", "--json", "--offload-dir"])
             .arg(dir.path())
-            .args(flags)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{flags:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lines: Vec<Value> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+            .args(flags);
+        let lines = json_lines(&mut cmd, &format!("{flags:?}"));
         assert_eq!(lines.len(), prompts.len(), "{flags:?}");
         lines
     };
