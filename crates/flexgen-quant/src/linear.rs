@@ -181,33 +181,11 @@ fn fused(
     // `m > 1` that block lives in this thread's reused scratch (every element is written by
     // the kernel), then is transposed into `out`.
     let run = |out_t: &mut [f32]| {
-        let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
-            let r0 = c * chunk_rows;
+        kernels::par_output_rows(out_t, k, m, bias, |r0, ot| {
             let rows = ot.len() / m;
             // SAFETY: `level` was checked with `ensure_available`.
             dispatch!(level, K => unsafe { K::gemv(w.sub(r0, rows), x, m, ot) });
-            if let Some(b) = bias {
-                for (row, &bj) in ot.chunks_exact_mut(m).zip(&b[r0..r0 + rows]) {
-                    for v in row {
-                        *v += bj;
-                    }
-                }
-            }
-        };
-        if n * k * m < 1 << 16 {
-            task((0, out_t), n);
-        } else {
-            let threads = rayon::current_num_threads().max(1);
-            let chunk_rows = n
-                .div_ceil(threads * 4)
-                .max((1 << 14) / k)
-                .next_multiple_of(8)
-                .min(n);
-            out_t
-                .par_chunks_mut(chunk_rows * m)
-                .enumerate()
-                .for_each(|c| task(c, chunk_rows));
-        }
+        });
     };
     if m == 1 {
         run(out);

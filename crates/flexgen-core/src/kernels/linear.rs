@@ -243,9 +243,8 @@ fn gemv_t(
     bias: Option<&[f32]>,
     out_t: &mut [f32],
 ) {
-    let (n, k) = (w.rows(), w.cols());
-    let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
-        let r0 = c * chunk_rows;
+    let k = w.cols();
+    par_output_rows(out_t, k, m, bias, |r0, ot| {
         let rows = ot.len() / m;
         let span = r0 * k..(r0 + rows) * k;
         // SAFETY: `level` is `simd_level()` or was checked with `ensure_available`.
@@ -256,8 +255,27 @@ fn gemv_t(
                 Storage::BF16(d) => K::gemv_bf16(&d[span], k, x, m, ot),
             }
         });
+    });
+}
+
+/// Runs a row-parallel matrix-vector kernel over the transposed output `out_t` (`n x m`, `n`
+/// output features of `k` inputs, `m` rows of `x`): `kernel(r0, block)` fills the block of
+/// output features `r0 .. r0 + block.len() / m`; blocks are spread over rayon threads (about
+/// four per thread, none under `2^14` weights) unless the product is tiny, and `bias` (one
+/// value per output feature) is added to each block afterwards.
+pub fn par_output_rows(
+    out_t: &mut [f32],
+    k: usize,
+    m: usize,
+    bias: Option<&[f32]>,
+    kernel: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let n = out_t.len() / m.max(1);
+    let task = |(c, ot): (usize, &mut [f32]), chunk_rows: usize| {
+        let r0 = c * chunk_rows;
+        kernel(r0, ot);
         if let Some(b) = bias {
-            for (row, &bj) in ot.chunks_exact_mut(m).zip(&b[r0..r0 + rows]) {
+            for (row, &bj) in ot.chunks_exact_mut(m).zip(&b[r0..]) {
                 for v in row {
                     *v += bj;
                 }
@@ -270,7 +288,7 @@ fn gemv_t(
         let threads = rayon::current_num_threads().max(1);
         let chunk_rows = n
             .div_ceil(threads * 4)
-            .max((1 << 14) / k)
+            .max((1 << 14) / k.max(1))
             .next_multiple_of(8)
             .min(n);
         out_t

@@ -27,7 +27,7 @@ pub use embedding::{embedding, embedding_prepacked, embedding_ref};
 pub use layer_norm::{layer_norm, layer_norm_ref, layer_norm_with_level};
 pub use linear::{
     linear, linear_prepacked, linear_prepacked_with_level, linear_ref, linear_with_level,
-    linear_with_path, LinearPath,
+    linear_with_path, par_output_rows, LinearPath,
 };
 pub use softmax::{masked_softmax, masked_softmax_ref, masked_softmax_with_level};
 
