@@ -202,14 +202,13 @@ pub(crate) fn validate_prompt(
     Ok(())
 }
 
-/// Checks prompts, each against its own config, before any work.
-fn validate(
-    model: &OptModel,
+/// Checks prompts, each against its own config, before any work (for a model of `mc`).
+pub(crate) fn validate_rows(
+    mc: &OptConfig,
     prompts: &[Vec<u32>],
     cfgs: &[GenerationConfig],
     tokenizer: Option<&OptTokenizer>,
 ) -> Result<()> {
-    let mc = model.config();
     if prompts.is_empty() {
         return Err(Error::InvalidRequest("no prompts given".into()));
     }
@@ -394,7 +393,7 @@ pub fn generate_rows(
     tokenizer: Option<&OptTokenizer>,
     mut on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
 ) -> Result<Vec<GenerationOutput>> {
-    validate(model, prompts, cfgs, tokenizer)?;
+    validate_rows(model.config(), prompts, cfgs, tokenizer)?;
     let mc = model.config();
     let mut rows: Vec<RowDecoder> = prompts
         .iter()

@@ -43,7 +43,7 @@ use half::f16;
 use crate::checkpoint::Checkpoint;
 use crate::config::OptConfig;
 use crate::error::{Error, Result};
-use crate::generation::{validate_config, validate_prompt, RowDecoder};
+use crate::generation::{validate_rows, RowDecoder};
 use crate::generation::{FinishReason, Flow, GenerationConfig, GenerationOutput, TokenEvent};
 use crate::layers::{
     self, AttentionParams, InputParams, KvSlot, KvStore, LayerScratch, MlpParams, OutputParams,
@@ -1098,20 +1098,7 @@ impl OffloadedOpt {
         mut on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
     ) -> Result<Vec<GenerationOutput>> {
         let mc = &self.layers.cfg;
-        if prompts.is_empty() {
-            return Err(Error::InvalidRequest("no prompts given".into()));
-        }
-        if cfgs.len() != prompts.len() {
-            return Err(Error::InvalidRequest(format!(
-                "{} configs for {} prompts",
-                cfgs.len(),
-                prompts.len()
-            )));
-        }
-        for (row, (p, cfg)) in prompts.iter().zip(cfgs).enumerate() {
-            validate_config(cfg, tokenizer)?;
-            validate_prompt(mc, row, p, cfg, mc.max_position_embeddings)?;
-        }
+        validate_rows(mc, prompts, cfgs, tokenizer)?;
         let mut rows: Vec<RowDecoder> = prompts
             .iter()
             .zip(cfgs)
