@@ -197,10 +197,11 @@ fn print_profile(path: &Path, origin: &ProfileOrigin, p: &HardwareProfile) {
         p.copy_bw / 1e9
     );
     eprintln!(
-        "  disk ({}): read {:.2} GB/s, write {:.2} GB/s{}",
+        "  disk ({}): read {:.2} GB/s, write {:.2} GB/s; compute while reading {:.0}% of its speed alone{}",
         p.offload_dir.display(),
         p.disk_read_bw / 1e9,
         p.disk_write_bw / 1e9,
+        p.io_compute_ratio * 100.0,
         if p.disk_direct {
             ""
         } else {

@@ -52,6 +52,7 @@ fn profile() -> HardwareProfile {
         disk_read_bw: 1.1e9,
         disk_write_bw: 0.8e9,
         disk_direct: true,
+        io_compute_ratio: 0.8,
         calibration_s: 0.0,
     }
 }

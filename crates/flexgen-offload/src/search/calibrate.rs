@@ -4,6 +4,7 @@
 //! [`load_or_calibrate`] reuses a saved profile until it is stale.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use flexgen_core::kernels::{attention, linear, AttentionShape};
@@ -146,7 +147,7 @@ pub fn calibrate(
     progress("memory copy");
     let copy_bw = copy_rate(settings);
     progress("disk");
-    let (disk_read_bw, disk_write_bw, disk_direct) = disk_rates(offload_dir, settings)?;
+    let disk = disk_rates(offload_dir, settings)?;
     Ok(HardwareProfile {
         version: PROFILE_VERSION,
         created_unix_s: unix_now(),
@@ -157,9 +158,10 @@ pub fn calibrate(
         attention_decode_bw,
         attention_decode_packed_bw,
         copy_bw,
-        disk_read_bw,
-        disk_write_bw,
-        disk_direct,
+        disk_read_bw: disk.read_bw,
+        disk_write_bw: disk.write_bw,
+        disk_direct: disk.direct,
+        io_compute_ratio: disk.io_compute_ratio,
         calibration_s: t0.elapsed().as_secs_f64(),
     })
 }
@@ -329,9 +331,18 @@ fn copy_rate(s: &CalibrationSettings) -> f64 {
     s.copy_bytes as f64 / t
 }
 
-/// `(read, write, direct)`: bytes/s of `O_DIRECT` writes (one stream) and reads (as many in
-/// flight as `io_threads`) of a file in a private directory under `offload_dir`.
-fn disk_rates(offload_dir: &Path, s: &CalibrationSettings) -> Result<(f64, f64, bool)> {
+/// What the disk benchmark measured.
+struct DiskRates {
+    read_bw: f64,
+    write_bw: f64,
+    direct: bool,
+    io_compute_ratio: f64,
+}
+
+/// Bytes/s of `O_DIRECT` writes (one stream) and reads (as many in flight as `io_threads`) of a
+/// file in a private directory under `offload_dir`, and how much those reads slow compute
+/// ([`compute_under_reads`]).
+fn disk_rates(offload_dir: &Path, s: &CalibrationSettings) -> Result<DiskRates> {
     let dir = OffloadDir::create(offload_dir)?;
     let file = DiskFile::create(dir.path().join("calibration"), true, IoStats::new())?;
     let chunk = s.disk_chunk.max(4096);
@@ -344,19 +355,47 @@ fn disk_rates(offload_dir: &Path, s: &CalibrationSettings) -> Result<(f64, f64, 
     for c in 0..chunks {
         file.write_at((c * chunk) as u64, buf.as_mut_slice())?;
     }
-    let write = (chunks * chunk) as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let write_bw = (chunks * chunk) as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let threads = s.io_threads.clamp(1, chunks);
+    let never = AtomicBool::new(false);
     let t = Instant::now();
+    read_in_threads(&file, chunk, chunks, threads, &never, false)?;
+    let read_bw = (chunks * chunk) as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let io_compute_ratio = compute_under_reads(&file, chunk, chunks, threads, s)?;
+    Ok(DiskRates {
+        read_bw,
+        write_bw,
+        direct: file.is_direct(),
+        io_compute_ratio,
+    })
+}
+
+/// Reads `chunks` chunks of `file` on `threads` threads, chunk `c` on thread `c % threads`;
+/// with `repeat`, starts over until `stop` is set.
+fn read_in_threads(
+    file: &DiskFile,
+    chunk: usize,
+    chunks: usize,
+    threads: usize,
+    stop: &AtomicBool,
+    repeat: bool,
+) -> Result<()> {
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = (0..threads)
             .map(|th| {
-                let file = &file;
                 scope.spawn(move || -> crate::Result<()> {
                     let mut buf = AlignedBuf::new(chunk);
-                    for c in (th..chunks).step_by(threads) {
-                        file.read_at((c * chunk) as u64, buf.as_mut_slice())?;
+                    loop {
+                        for c in (th..chunks).step_by(threads) {
+                            if stop.load(Ordering::Relaxed) {
+                                return Ok(());
+                            }
+                            file.read_at((c * chunk) as u64, buf.as_mut_slice())?;
+                        }
+                        if !repeat {
+                            return Ok(());
+                        }
                     }
-                    Ok(())
                 })
             })
             .collect();
@@ -365,9 +404,52 @@ fn disk_rates(offload_dir: &Path, s: &CalibrationSettings) -> Result<(f64, f64, 
                 .map_err(|_| crate::Error::Worker("a disk benchmark thread panicked".into()))??;
         }
         Ok(())
+    })
+}
+
+/// Speed of a decode-sized linear layer (`f16` weights of [`CalibrationSettings::gemv_shape`],
+/// 16 rows) while `threads` threads keep reading `file`, as a fraction of its speed alone:
+/// median times, alone before and after, so that a slow phase of a shared machine does not
+/// pass for interference. In `(0, 1]`.
+fn compute_under_reads(
+    file: &DiskFile,
+    chunk: usize,
+    chunks: usize,
+    threads: usize,
+    s: &CalibrationSettings,
+) -> Result<f64> {
+    const REPS: usize = 7;
+    let (n, k) = s.gemv_shape;
+    let m = 16;
+    let w = Matrix::from_f32(n, k, pattern(n * k, 17))?.to_dtype(DType::F16);
+    let x = pattern(m * k, 16);
+    let mut y = vec![0.0f32; m * n];
+    let mut median_time = || -> Result<f64> {
+        let mut times = Vec::with_capacity(REPS);
+        linear(&x, m, &w, None, &mut y)?;
+        for _ in 0..REPS {
+            let t = Instant::now();
+            linear(&x, m, &w, None, &mut y)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[REPS / 2].max(1e-9))
+    };
+    let before = median_time()?;
+    let stop = AtomicBool::new(false);
+    let under = std::thread::scope(|scope| -> Result<f64> {
+        let readers = scope.spawn(|| read_in_threads(file, chunk, chunks, threads, &stop, true));
+        // Let the reads get going before timing.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let under = median_time();
+        stop.store(true, Ordering::Relaxed);
+        readers
+            .join()
+            .map_err(|_| crate::Error::Worker("a disk benchmark thread panicked".into()))??;
+        under
     })?;
-    let read = (chunks * chunk) as f64 / t.elapsed().as_secs_f64().max(1e-9);
-    Ok((read, write, file.is_direct()))
+    let after = median_time()?;
+    Ok((0.5 * (before + after) / under).clamp(0.05, 1.0))
 }
 
 #[cfg(test)]

@@ -19,7 +19,10 @@
 //!   second term is the time to stream the weights from RAM once, which the CPU pays for every
 //!   micro-batch), prefill attention `4·gbs·s²·h / rate(s)`, decode attention
 //!   `cache bytes / calibrated attention bandwidth`.
-//! - Layer time: `max(I/O, compute)` with overlap, `I/O + compute` without.
+//! - Layer time: `max(I/O, compute + (1 − ρ)·I/O)` with overlap, `I/O + compute` without.
+//!   `ρ` is the calibrated [`HardwareProfile::io_compute_ratio`]: while the I/O threads work,
+//!   compute runs at `ρ` times its speed alone (they share the cores), so a layer whose
+//!   compute outlasts its I/O loses `(1 − ρ)·I/O` to them.
 //! - The embedding and output layers add one more such layer per token (the logits of the
 //!   last position of each sequence against the tied token table).
 //!
@@ -156,6 +159,17 @@ impl Lin {
         }
     }
 
+    /// Every coefficient times `f`.
+    pub fn scale(self, f: f64) -> Lin {
+        Lin {
+            c: self.c * f,
+            w: self.w * f,
+            e: self.e * f,
+            f: self.f * f,
+            k: self.k * f,
+        }
+    }
+
     /// The value at `p`.
     pub fn eval(&self, p: &Placement) -> f64 {
         self.c
@@ -276,6 +290,7 @@ pub struct CostModel {
     disk_read_bw: f64,
     disk_write_bw: f64,
     copy_bw: f64,
+    io_compute_ratio: f64,
 }
 
 impl CostModel {
@@ -373,6 +388,7 @@ impl CostModel {
             disk_read_bw: profile.disk_read_bw,
             disk_write_bw: profile.disk_write_bw,
             copy_bw: profile.copy_bw,
+            io_compute_ratio: profile.io_compute_ratio,
         })
     }
 
@@ -438,6 +454,13 @@ impl CostModel {
 
     fn bls(&self) -> f64 {
         (self.gbs * self.ngb) as f64
+    }
+
+    /// With overlap, the time a layer's compute takes when its I/O (`io`) runs beside it:
+    /// `compute + (1 − ρ)·io` (see the module doc). The layer takes the larger of this and
+    /// `io`.
+    pub fn overlapped_compute(&self, io: &Lin, compute: &Lin) -> Lin {
+        *compute + io.scale(1.0 - self.io_compute_ratio)
     }
 
     /// Every term for `mode` (activations in RAM, or on disk when `activations_disk`).
@@ -535,11 +558,11 @@ impl CostModel {
     pub fn evaluate(&self, p: &Placement) -> Prediction {
         let t = self.terms(p.cache_mode, p.activations_disk);
         let comb = |io: &Lin, comp: &Lin| {
-            let (a, b) = (io.eval(p), comp.eval(p));
+            let a = io.eval(p);
             if self.formats.overlap {
-                a.max(b)
+                a.max(self.overlapped_compute(io, comp).eval(p))
             } else {
-                a + b
+                a + comp.eval(p)
             }
         };
         let l = self.shape.num_layers as f64;

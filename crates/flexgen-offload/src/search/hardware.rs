@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{Result, SearchError};
 
 /// Format of the profile file; a different number makes a saved profile stale.
-pub const PROFILE_VERSION: u32 = 1;
+pub const PROFILE_VERSION: u32 = 2;
 
 /// A saved profile older than this is recalibrated.
 pub const MAX_PROFILE_AGE_S: u64 = 30 * 24 * 3600;
@@ -176,6 +176,11 @@ pub struct HardwareProfile {
     /// Whether the filesystem accepted `O_DIRECT` (if not, disk numbers may include the page
     /// cache and overstate the disk).
     pub disk_direct: bool,
+    /// Compute speed while the I/O threads read the offload disk, as a fraction of its speed
+    /// alone (1 = no interference). On a machine with few cores the I/O threads' system calls,
+    /// interrupts and (in a VM) the host's disk emulation take CPU time from the compute
+    /// threads; the cost model charges that to the layers whose I/O overlaps compute.
+    pub io_compute_ratio: f64,
     /// Seconds the calibration took.
     pub calibration_s: f64,
 }
@@ -246,6 +251,12 @@ impl HardwareProfile {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("{what} = {v} is not a positive number"));
             }
+        }
+        if !(self.io_compute_ratio > 0.0 && self.io_compute_ratio <= 1.0) {
+            return Err(format!(
+                "io_compute_ratio = {} is not in (0, 1]",
+                self.io_compute_ratio
+            ));
         }
         Ok(())
     }

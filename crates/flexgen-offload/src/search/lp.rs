@@ -7,7 +7,7 @@
 //! layers). On the CPU the compute and host tiers are the same RAM, so the RAM fraction of
 //! each class is `1 − disk`; activations stay in RAM (FlexGen's code pins them off disk too).
 //! Minimize `l·t_pre + t_emb_pre + (n−1)·(l·t_dec + t_emb_dec)` subject to
-//! `t ≥ I/O`, `t ≥ compute` (overlap) or `t ≥ I/O + compute`, `RAM ≤ α·ram` and
+//! `t ≥ I/O`, `t ≥ compute + (1 − ρ)·I/O` (overlap) or `t ≥ I/O + compute`, `RAM ≤ α·ram` and
 //! `disk ≤ α·disk`. Rows are scaled to seconds and GiB. A cache whole in RAM (used in
 //! place) and a cache partly or wholly on disk (gathered through workspaces) have different
 //! terms, so each is its own LP; a compressed cache cannot be split (the runtime refuses it),
@@ -173,7 +173,9 @@ pub fn solve_mode(
         if model.overlap() {
             problem = problem
                 .with(constraint!(tv >= expr(io, wd, cd, 1.0)))
-                .with(constraint!(tv >= expr(comp, wd, cd, 1.0)));
+                .with(constraint!(
+                    tv >= expr(&model.overlapped_compute(io, comp), wd, cd, 1.0)
+                ));
         } else {
             problem = problem.with(constraint!(tv >= expr(&(*io + *comp), wd, cd, 1.0)));
         }
