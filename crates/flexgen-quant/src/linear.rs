@@ -24,8 +24,11 @@ const OP: &str = "linear_packed";
 /// Largest `m` (rows of `x`) served by the fused kernels; above it, dequantized panels + flexgen-core's `linear`.
 pub const FUSED_MAX_M: usize = 64;
 
-/// Weight values dequantized per panel on the panel path (4 MiB of `f32`).
-const PANEL_ELEMS: usize = 1 << 20;
+/// Weight values dequantized per panel on the panel path (32 MiB of `f32`, kept per thread).
+const PANEL_ELEMS: usize = 1 << 23;
+
+/// Fewest rows of W per panel (more when `PANEL_ELEMS / k` allows).
+const MIN_PANEL_ROWS: usize = 512;
 
 /// Which algorithm [`linear_packed_path`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,34 +256,44 @@ fn panels(
     out: &mut [f32],
 ) -> Result<()> {
     let (n, k) = (w.shape()[0], w.shape()[1]);
-    let panel_rows = (PANEL_ELEMS / k).clamp(16, n.max(16)).min(n);
+    // At least MIN_PANEL_ROWS rows: every panel re-packs x in the GEMM, a cost of 1/p of its
+    // work.
+    let panel_rows = (PANEL_ELEMS / k).max(MIN_PANEL_ROWS).min(n);
     // A panel of W dequantized to f32 goes through flexgen-core's own linear (its packed-panel
-    // GEMM at large m), into `tmp` (`m x p`), then into columns `j0..j0 + p` of `out`.
-    let mut panel: Vec<f32> = Vec::with_capacity(panel_rows * k);
+    // GEMM), into `tmp` (`m x p`), then into columns `j0..j0 + p` of `out`. The panel buffer
+    // is this thread's, kept across calls: a fresh one of tens of MiB per call costs its page
+    // faults every time.
     let mut tmp = vec![0.0f32; m * panel_rows];
-    let mut j0 = 0;
-    while j0 < n {
-        let p = panel_rows.min(n - j0);
-        panel.resize(p * k, 0.0);
-        dequant_rows(level, w, j0, &mut panel);
-        let mat = Matrix::from_f32(p, k, std::mem::take(&mut panel))?;
-        let b = bias.map(|b| &b[j0..j0 + p]);
-        let result = kernels::linear_with_level(level, x, m, &mat, b, &mut tmp[..m * p]);
-        if let Storage::F32(v) = mat.into_storage() {
-            panel = v;
+    PANEL.with(|cell| -> Result<()> {
+        let mut fresh = Vec::new();
+        let mut guard = cell.try_borrow_mut().ok();
+        let panel = guard.as_deref_mut().unwrap_or(&mut fresh);
+        let mut j0 = 0;
+        while j0 < n {
+            let p = panel_rows.min(n - j0);
+            panel.resize(p * k, 0.0);
+            dequant_rows(level, w, j0, panel);
+            let mat = Matrix::from_f32(p, k, std::mem::take(panel))?;
+            let b = bias.map(|b| &b[j0..j0 + p]);
+            let result = kernels::linear_with_level(level, x, m, &mat, b, &mut tmp[..m * p]);
+            if let Storage::F32(v) = mat.into_storage() {
+                *panel = v;
+            }
+            result?;
+            for (dst, src) in out.chunks_exact_mut(n).zip(tmp.chunks_exact(p)) {
+                dst[j0..j0 + p].copy_from_slice(src);
+            }
+            j0 += p;
         }
-        result?;
-        for (dst, src) in out.chunks_exact_mut(n).zip(tmp.chunks_exact(p)) {
-            dst[j0..j0 + p].copy_from_slice(src);
-        }
-        j0 += p;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 thread_local! {
-    /// Per-thread scratch for dequantized weight panels, reused across calls.
+    /// Per-thread scratch of the fused kernels, reused across calls.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread dequantized panel of W for the panel path, reused across calls.
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a scratch slice of `len` floats (fresh if this thread's is in use).

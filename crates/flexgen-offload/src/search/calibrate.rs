@@ -64,7 +64,7 @@ impl Default for CalibrationSettings {
             attention_dims: (2048, 32),
             decode_batch_kv: (8, 1024),
             copy_bytes: 256 << 20,
-            disk_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
             disk_chunk: 16 << 20,
             io_threads: 4,
             min_time_s: 0.05,
