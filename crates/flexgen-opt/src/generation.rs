@@ -83,6 +83,17 @@ impl GenerationConfig {
         self
     }
 
+    /// This config for each of `n` rows, row `i` seeded with `seed + i` (what [`generate`]
+    /// gives [`generate_rows`], so rows of one request sample independently).
+    pub fn per_row(&self, n: usize) -> Vec<GenerationConfig> {
+        (0..n)
+            .map(|i| GenerationConfig {
+                seed: self.seed.wrapping_add(i as u64),
+                ..self.clone()
+            })
+            .collect()
+    }
+
     /// Adds a stop string.
     pub fn with_stop_string(mut self, s: impl Into<String>) -> Self {
         self.stop_strings.push(s.into());
@@ -374,13 +385,13 @@ pub fn generate(
     tokenizer: Option<&OptTokenizer>,
     on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
 ) -> Result<Vec<GenerationOutput>> {
-    let cfgs: Vec<GenerationConfig> = (0..prompts.len())
-        .map(|i| GenerationConfig {
-            seed: cfg.seed.wrapping_add(i as u64),
-            ..cfg.clone()
-        })
-        .collect();
-    generate_rows(model, prompts, &cfgs, tokenizer, on_token)
+    generate_rows(
+        model,
+        prompts,
+        &cfg.per_row(prompts.len()),
+        tokenizer,
+        on_token,
+    )
 }
 
 /// Like [`generate`], but row `i` follows its own config `cfgs[i]` (length, sampling, stops;

@@ -1078,13 +1078,7 @@ impl OffloadedOpt {
         tokenizer: Option<&OptTokenizer>,
         on_token: impl FnMut(&TokenEvent<'_>) -> Flow,
     ) -> Result<Vec<GenerationOutput>> {
-        let cfgs: Vec<GenerationConfig> = (0..prompts.len())
-            .map(|i| GenerationConfig {
-                seed: cfg.seed.wrapping_add(i as u64),
-                ..cfg.clone()
-            })
-            .collect();
-        self.generate_rows(prompts, &cfgs, tokenizer, on_token)
+        self.generate_rows(prompts, &cfg.per_row(prompts.len()), tokenizer, on_token)
     }
 
     /// Like [`crate::generate_rows`], run as blocks of `gpu_batch_size × num_gpu_batches`

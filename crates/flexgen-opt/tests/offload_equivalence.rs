@@ -57,7 +57,8 @@ fn ids(outs: &[flexgen_opt::GenerationOutput]) -> Vec<Vec<u32>> {
 }
 
 /// The all-in-memory run of the offloaded schedule's micro-batches: rows `gbs` at a time, in
-/// order, row `i` sampling with seed `cfg.seed + i` as [`generate`] seeds it.
+/// order, row `i` sampling with seed `cfg.seed + i` ([`GenerationConfig::per_row`]) as
+/// [`generate`] seeds it.
 ///
 /// A float result depends on how many rows a linear layer multiplies at once (one row takes
 /// the GEMV path, which sums along the input in SIMD lanes; more take the tiled GEMM, which sums
@@ -70,17 +71,12 @@ fn in_memory_micro_batches(
     cfg: &GenerationConfig,
     gbs: usize,
 ) -> Vec<flexgen_opt::GenerationOutput> {
-    let mut outs = Vec::with_capacity(prompts.len());
-    for (c, chunk) in prompts.chunks(gbs).enumerate() {
-        let cfgs: Vec<GenerationConfig> = (0..chunk.len())
-            .map(|i| GenerationConfig {
-                seed: cfg.seed.wrapping_add((c * gbs + i) as u64),
-                ..cfg.clone()
-            })
-            .collect();
-        outs.extend(generate_rows(model, chunk, &cfgs, None, |_| Flow::Continue).unwrap());
-    }
-    outs
+    let cfgs = cfg.per_row(prompts.len());
+    prompts
+        .chunks(gbs)
+        .zip(cfgs.chunks(gbs))
+        .flat_map(|(p, c)| generate_rows(model, p, c, None, |_| Flow::Continue).unwrap())
+        .collect()
 }
 
 proptest! {
