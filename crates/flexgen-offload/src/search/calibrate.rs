@@ -201,6 +201,17 @@ enum Weight {
     Packed(QuantizedTensor),
 }
 
+impl Weight {
+    /// `y = x · Wᵀ + bias` with the kernel the model uses for this format.
+    fn linear(&self, x: &[f32], m: usize, bias: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
+        match self {
+            Weight::Dense(w) => linear(x, m, w, bias, y)?,
+            Weight::Packed(w) => linear_packed(x, m, w, bias, y)?,
+        }
+        Ok(())
+    }
+}
+
 fn make_weight(kind: LinearKind, (n, k): (usize, usize)) -> Result<Weight> {
     let m = Matrix::from_f32(n, k, pattern(n * k, (n * 31 + k) as u64))?;
     Ok(match kind {
@@ -243,13 +254,7 @@ fn linear_curve(kind: LinearKind, s: &CalibrationSettings) -> Result<RateCurve> 
         for m in rows {
             let x = pattern(m * k, m as u64);
             let mut y = vec![0.0f32; m * n];
-            let t = time_best(s.min_time_s, || {
-                match &w {
-                    Weight::Dense(w) => linear(&x, m, w, Some(&bias), &mut y)?,
-                    Weight::Packed(w) => linear_packed(&x, m, w, Some(&bias), &mut y)?,
-                }
-                Ok(())
-            })?;
+            let t = time_best(s.min_time_s, || w.linear(&x, m, Some(&bias), &mut y))?;
             points.push((m as f64, 2.0 * (m * n * k) as f64 / t));
         }
     }
@@ -357,9 +362,8 @@ fn disk_rates(offload_dir: &Path, s: &CalibrationSettings) -> Result<DiskRates> 
     }
     let write_bw = (chunks * chunk) as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let threads = s.io_threads.clamp(1, chunks);
-    let never = AtomicBool::new(false);
     let t = Instant::now();
-    read_in_threads(&file, chunk, chunks, threads, &never, false)?;
+    read_in_threads(&file, chunk, chunks, threads, None)?;
     let read_bw = (chunks * chunk) as f64 / t.elapsed().as_secs_f64().max(1e-9);
     let io_compute_ratio = compute_under_reads(&file, chunk, chunks, threads, s)?;
     Ok(DiskRates {
@@ -370,15 +374,14 @@ fn disk_rates(offload_dir: &Path, s: &CalibrationSettings) -> Result<DiskRates> 
     })
 }
 
-/// Reads `chunks` chunks of `file` on `threads` threads, chunk `c` on thread `c % threads`;
-/// with `repeat`, starts over until `stop` is set.
+/// Reads `chunks` chunks of `file` on `threads` threads, chunk `c` on thread `c % threads`:
+/// once, or with `until`, over and over until it is set.
 fn read_in_threads(
     file: &DiskFile,
     chunk: usize,
     chunks: usize,
     threads: usize,
-    stop: &AtomicBool,
-    repeat: bool,
+    until: Option<&AtomicBool>,
 ) -> Result<()> {
     std::thread::scope(|scope| -> Result<()> {
         let handles: Vec<_> = (0..threads)
@@ -387,12 +390,12 @@ fn read_in_threads(
                     let mut buf = AlignedBuf::new(chunk);
                     loop {
                         for c in (th..chunks).step_by(threads) {
-                            if stop.load(Ordering::Relaxed) {
+                            if until.is_some_and(|stop| stop.load(Ordering::Relaxed)) {
                                 return Ok(());
                             }
                             file.read_at((c * chunk) as u64, buf.as_mut_slice())?;
                         }
-                        if !repeat {
+                        if until.is_none() {
                             return Ok(());
                         }
                     }
@@ -421,15 +424,15 @@ fn compute_under_reads(
     const REPS: usize = 7;
     let (n, k) = s.gemv_shape;
     let m = 16;
-    let w = Matrix::from_f32(n, k, pattern(n * k, 17))?.to_dtype(DType::F16);
+    let w = make_weight(LinearKind::F16, s.gemv_shape)?;
     let x = pattern(m * k, 16);
     let mut y = vec![0.0f32; m * n];
     let mut median_time = || -> Result<f64> {
         let mut times = Vec::with_capacity(REPS);
-        linear(&x, m, &w, None, &mut y)?;
+        w.linear(&x, m, None, &mut y)?;
         for _ in 0..REPS {
             let t = Instant::now();
-            linear(&x, m, &w, None, &mut y)?;
+            w.linear(&x, m, None, &mut y)?;
             times.push(t.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
@@ -438,7 +441,7 @@ fn compute_under_reads(
     let before = median_time()?;
     let stop = AtomicBool::new(false);
     let under = std::thread::scope(|scope| -> Result<f64> {
-        let readers = scope.spawn(|| read_in_threads(file, chunk, chunks, threads, &stop, true));
+        let readers = scope.spawn(|| read_in_threads(file, chunk, chunks, threads, Some(&stop)));
         // Let the reads get going before timing.
         std::thread::sleep(std::time::Duration::from_millis(20));
         let under = median_time();
