@@ -1,7 +1,10 @@
-//! Paths shared by the integration tests.
+//! Paths and the fixtures' recorded prompt batch, shared by the integration tests.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+
+use flexgen_opt::{BatchState, LogitsFor, OptModel};
+use serde_json::Value;
 
 /// `tests/fixtures/<name>` at the workspace root.
 pub fn fixture(name: &str) -> PathBuf {
@@ -22,3 +25,69 @@ pub const FIXTURES: &[&str] = &[
     "tiny-postln-proj",
     "tiny-sharded",
 ];
+
+/// The left-padded prompt batch `tools/gen_fixtures.py` recorded in a fixture's
+/// `reference.json` (`input_ids`, `attention_mask`).
+pub struct ReferenceBatch {
+    /// Token ids per row, padding included (all rows `t` long).
+    pub rows: Vec<Vec<u32>>,
+    /// `[rows, t]`: false for padding.
+    pub valid: Vec<bool>,
+}
+
+impl ReferenceBatch {
+    /// The batch of an already parsed `reference.json`.
+    pub fn from_json(json: &Value) -> Self {
+        let rows: Vec<Vec<u32>> = json["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        let valid = json["attention_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| ids(r).into_iter().map(|m| m == 1))
+            .collect();
+        ReferenceBatch { rows, valid }
+    }
+
+    /// The batch of fixture `name`.
+    pub fn load(name: &str) -> Self {
+        let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+        Self::from_json(&serde_json::from_str(&text).unwrap())
+    }
+
+    /// Positions per row.
+    pub fn t(&self) -> usize {
+        self.rows[0].len()
+    }
+
+    /// `model`'s logits at every position, `[rows · t, vocab]`.
+    pub fn logits(&self, model: &OptModel) -> Vec<f32> {
+        let t = self.t();
+        let mut state = BatchState::new(model.config(), self.rows.len(), t);
+        let mut logits = Vec::new();
+        model
+            .forward(
+                &mut state,
+                &self.rows.concat(),
+                &self.valid,
+                t,
+                LogitsFor::All,
+                &mut logits,
+            )
+            .unwrap();
+        logits
+    }
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}

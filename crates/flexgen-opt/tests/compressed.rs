@@ -4,20 +4,12 @@
 
 mod common;
 
+use common::{ids, ReferenceBatch};
 use flexgen_core::DType;
 use flexgen_opt::{
-    generate, BatchState, CompressionConfig, Flow, GenerationConfig, LoadOptions, LogitsFor,
-    OptModel, WeightFormat,
+    generate, CompressionConfig, Flow, GenerationConfig, LoadOptions, OptModel, WeightFormat,
 };
 use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn load(name: &str, compress: Option<CompressionConfig>) -> OptModel {
     let opts = LoadOptions {
@@ -28,35 +20,9 @@ fn load(name: &str, compress: Option<CompressionConfig>) -> OptModel {
 }
 
 /// Relative L2 error of the logits at the real positions of the reference batch.
-fn logits_error(json: &Value, base: &OptModel, model: &OptModel) -> f64 {
-    let rows: Vec<Vec<u32>> = json["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
-    let mask: Vec<bool> = json["attention_mask"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| ids(r).into_iter().map(|m| m == 1))
-        .collect();
-    let t = rows[0].len();
-    let run = |m: &OptModel| {
-        let mut state = BatchState::new(m.config(), rows.len(), t);
-        let mut logits = Vec::new();
-        m.forward(
-            &mut state,
-            &rows.concat(),
-            &mask,
-            t,
-            LogitsFor::All,
-            &mut logits,
-        )
-        .unwrap();
-        logits
-    };
-    let (want, got) = (run(base), run(model));
+fn logits_error(batch: &ReferenceBatch, base: &OptModel, model: &OptModel) -> f64 {
+    let mask = &batch.valid;
+    let (want, got) = (batch.logits(base), batch.logits(model));
     let v = base.config().vocab_size;
     let (mut num, mut den) = (0f64, 0f64);
     for (pos, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
@@ -92,8 +58,9 @@ fn compressed_logits_close_to_f32_and_generation_works() {
             // Biases and layer norms stay f32 and identical.
             assert_eq!(w.layers[0].fc1.bias, base.weights().layers[0].fc1.bias);
         }
-        let e4 = logits_error(&json, &base, &q4);
-        let e8 = logits_error(&json, &base, &q8);
+        let batch = ReferenceBatch::from_json(&json);
+        let e4 = logits_error(&batch, &base, &q4);
+        let e8 = logits_error(&batch, &base, &q8);
         eprintln!("{name}: relative L2 logits error vs f32: 4-bit {e4:.4}, 8-bit {e8:.4}");
         // 8-bit steps are 17x finer than 4-bit ones; the errors scale accordingly.
         assert!(e8 < 0.05, "{name}: 8-bit error {e8}");

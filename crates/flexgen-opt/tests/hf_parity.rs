@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::{ids, ReferenceBatch};
 use flexgen_opt::{
     generate, BatchState, Flow, GenerationConfig, LogitsFor, OptModel, OptTokenizer,
 };
@@ -35,14 +36,6 @@ fn reference(name: &str) -> Reference {
     }
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// HF's new tokens up to and including the first EOS (HF pads finished rows with 1 after it).
 fn until_eos(ids: &[u32]) -> Vec<u32> {
     match ids.iter().position(|&t| t == 2) {
@@ -56,27 +49,9 @@ fn logits_match_hf_at_every_real_position() {
     for name in common::FIXTURES {
         let model = OptModel::from_pretrained(common::fixture(name)).unwrap();
         let r = reference(name);
-        let input: Vec<Vec<u32>> = r.json["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(ids)
-            .collect();
-        let mask: Vec<Vec<u32>> = r.json["attention_mask"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(ids)
-            .collect();
-        let batch = input.len();
-        let t = input[0].len();
-        let tokens: Vec<u32> = input.concat();
-        let valid: Vec<bool> = mask.concat().iter().map(|&m| m == 1).collect();
-        let mut state = BatchState::new(model.config(), batch, t);
-        let mut logits = Vec::new();
-        model
-            .forward(&mut state, &tokens, &valid, t, LogitsFor::All, &mut logits)
-            .unwrap();
+        let batch = ReferenceBatch::from_json(&r.json);
+        let t = batch.t();
+        let logits = batch.logits(&model);
         let v = model.config().vocab_size;
         assert_eq!(r.logits.len(), r.positions.len() * v);
         let mut worst = 0f32;

@@ -13,46 +13,12 @@
 
 mod common;
 
+use common::ReferenceBatch;
 use flexgen_core::DType;
-use flexgen_opt::{BatchState, LoadOptions, LogitsFor, OptModel, WeightFormat};
-use serde_json::Value;
+use flexgen_opt::{LoadOptions, OptModel, WeightFormat};
 
-/// The fixture's recorded prompts (`input_ids`, `attention_mask`) as `(tokens, valid, t)`.
-fn prompts(name: &str) -> (Vec<u32>, Vec<bool>, usize, usize) {
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture(name).join("reference.json")).unwrap(),
-    )
-    .unwrap();
-    let rows = |key: &str| -> Vec<Vec<u64>> {
-        json[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect()
-            })
-            .collect()
-    };
-    let (input, mask) = (rows("input_ids"), rows("attention_mask"));
-    let t = input[0].len();
-    let tokens = input.concat().iter().map(|&x| x as u32).collect();
-    let valid = mask.concat().iter().map(|&m| m == 1).collect();
-    (tokens, valid, input.len(), t)
-}
-
-/// Logits at every position, weights stored as `dtype`.
-fn logits(
-    name: &str,
-    dtype: DType,
-    tokens: &[u32],
-    valid: &[bool],
-    batch: usize,
-    t: usize,
-) -> Vec<f32> {
+/// Logits of fixture `name` at every position of `batch`, weights stored as `dtype`.
+fn logits(name: &str, dtype: DType, batch: &ReferenceBatch) -> Vec<f32> {
     let load = LoadOptions {
         dtype: Some(dtype),
         ..LoadOptions::default()
@@ -63,28 +29,23 @@ fn logits(
         WeightFormat::Dense(dtype),
         "{name}: weights not stored as {dtype:?}"
     );
-    let mut state = BatchState::new(model.config(), batch, t);
-    let mut out = Vec::new();
-    model
-        .forward(&mut state, tokens, valid, t, LogitsFor::All, &mut out)
-        .unwrap();
-    out
+    batch.logits(&model)
 }
 
 #[test]
 fn half_width_weights_stay_within_tolerance_of_f32() {
     for name in common::FIXTURES {
-        let (tokens, valid, batch, t) = prompts(name);
-        let reference = logits(name, DType::F32, &tokens, &valid, batch, t);
-        let vocab = reference.len() / (batch * t);
-        let real: Vec<usize> = (0..batch * t).filter(|&i| valid[i]).collect();
+        let batch = ReferenceBatch::load(name);
+        let reference = logits(name, DType::F32, &batch);
+        let vocab = reference.len() / batch.valid.len();
+        let real: Vec<usize> = (0..batch.valid.len()).filter(|&i| batch.valid[i]).collect();
         let scale = real
             .iter()
             .flat_map(|&i| &reference[i * vocab..(i + 1) * vocab])
             .fold(0f32, |m, x| m.max(x.abs()));
         assert!(scale > 0.0, "{name}: all-zero f32 logits");
         for (dtype, tolerance) in [(DType::F16, 0.005f32), (DType::BF16, 0.04)] {
-            let got = logits(name, dtype, &tokens, &valid, batch, t);
+            let got = logits(name, dtype, &batch);
             assert_eq!(got.len(), reference.len());
             let worst = real
                 .iter()
