@@ -25,7 +25,7 @@ use clap::Parser;
 use flexgen::cli::str2bool;
 use flexgen::core::DType;
 use flexgen::offload::search::{self as ps, Choice, ModelShape, Prediction, SearchOptions};
-use flexgen::offload::{OffloadOptions, Policy, Tier};
+use flexgen::offload::{BlockShape, OffloadOptions, Policy, Tier};
 use flexgen::opt::{Flow, GenerationConfig, OffloadedOpt, OptConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -271,6 +271,10 @@ fn load_model(args: &Args, dtype: Option<DType>, policy: &Policy) -> Result<Offl
             .unwrap_or_else(flexgen::offload::default_offload_dir),
         direct_io: args.direct_io,
         io_threads: args.io_threads,
+        planned_block: Some(BlockShape {
+            prompt_len: args.prompt_len,
+            gen_len: args.gen_len,
+        }),
         ..OffloadOptions::default()
     };
     let bar = ProgressBar::new(0);

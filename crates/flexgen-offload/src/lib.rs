@@ -40,7 +40,7 @@ pub use flexgen_quant::CompressionConfig;
 pub use model::{BlockModel, CacheView, DynError, FileLocation, LayerSpec, Step, WeightSource};
 pub use placement::{place_weights, split_cache};
 pub use policy::{Policy, Split};
-pub use schedule::{BlockStats, OffloadOptions, Runtime};
+pub use schedule::{check_block, BlockShape, BlockStats, OffloadOptions, Runtime};
 pub use store::WeightPlan;
 pub use tensor::{CacheSpec, Elem, PlaneBuf, PlaneSpec, Tensor, TensorKind, WeightSpec};
 pub use tier::{ram_limit_bytes, Budgets, Charge, MemoryTracker, Tier};

@@ -40,6 +40,27 @@ pub struct OffloadOptions {
     pub io_threads: usize,
     /// Tier budgets.
     pub budgets: Budgets,
+    /// The longest block the caller will run, when known: a full block of this shape
+    /// (`gpu_batch_size x num_gpu_batches` sequences) is checked against the budgets before any
+    /// weight is read, so an impossible policy fails at once instead of after the load.
+    pub planned_block: Option<BlockShape>,
+}
+
+/// The token lengths of a block: prompt tokens per sequence and tokens to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    /// Prompt tokens per sequence (left-padded to the longest).
+    pub prompt_len: usize,
+    /// Tokens to generate per sequence (the first comes from the prefill step).
+    pub gen_len: usize,
+}
+
+impl BlockShape {
+    /// Tokens a sequence's KV cache must hold: the prompt plus every generated token but the
+    /// last, which is never fed back.
+    pub fn capacity(&self) -> usize {
+        self.prompt_len + self.gen_len.max(1) - 1
+    }
 }
 
 impl Default for OffloadOptions {
@@ -50,6 +71,7 @@ impl Default for OffloadOptions {
             direct_io: true,
             io_threads: 4,
             budgets: Budgets::detect(),
+            planned_block: None,
         }
     }
 }
@@ -184,43 +206,6 @@ impl Runtime {
         self.dir.path()
     }
 
-    /// Per-tier bytes a block of `rows` sequences per micro-batch would need besides the
-    /// weight homes: fetch buffers, cache homes, cache workspaces and activations.
-    fn block_bytes<M: BlockModel>(
-        &self,
-        model: &M,
-        rows: &[usize],
-        prompt_len: usize,
-        capacity: usize,
-    ) -> [u64; 3] {
-        let mut bytes = [0u64; 3];
-        let [c, h, d] = self.store.plan().home_bytes;
-        bytes[0] += c + fetch_buffer_bytes(self.store.plan());
-        bytes[1] += h;
-        bytes[2] += d;
-        let mut workspace = 0u64;
-        for spec in self.layers.iter().filter_map(|l| l.cache.as_ref()) {
-            let per_seq = (capacity * spec.token_bytes()) as u64;
-            for &r in rows {
-                let split = split_cache(r, &self.policy.cache);
-                for (t, n) in split.iter().enumerate() {
-                    bytes[t] += *n as u64 * per_seq;
-                }
-                if !in_place(&split) {
-                    workspace = workspace.max(r as u64 * per_seq);
-                }
-            }
-        }
-        let in_flight = if self.policy.overlap { 3 } else { 1 };
-        bytes[0] += in_flight * workspace;
-        let act: u64 = rows
-            .iter()
-            .map(|&r| model.activation_bytes(r, prompt_len))
-            .sum();
-        bytes[self.policy.activation_tier() as usize] += act;
-        bytes
-    }
-
     /// Runs one block: `batches` (at most `num_gpu_batches` micro-batches of at most
     /// `gpu_batch_size` sequences each) through `gen_len` token steps, the first with
     /// `prompt_len` new tokens per sequence. After each token step, `between(i, batches)` runs
@@ -265,20 +250,16 @@ impl Runtime {
                 "a block needs a prompt and at least one token to generate (prompt_len {prompt_len}, gen_len {gen_len})"
             )));
         }
-        let capacity = prompt_len + gen_len - 1;
-        let bytes = self.block_bytes(model, &rows, prompt_len, capacity);
-        self.budgets.check(
-            bytes,
-            &format!(
-                "a block of {} sequences x {capacity} tokens (weights, KV cache, workspaces, activations)",
-                rows.iter().sum::<usize>()
-            ),
-        )?;
+        let shape = BlockShape {
+            prompt_len,
+            gen_len,
+        };
+        check_block_bytes(model, self.store.plan(), p, &self.budgets, &rows, shape)?;
         self.tracker.reset_peaks();
         let io_start = self.stats.totals();
         let t0 = Instant::now();
         self.blocks_run += 1;
-        let mut run = BlockRun::new(self, model, &rows, prompt_len, capacity)?;
+        let mut run = BlockRun::new(self, model, &rows, prompt_len, shape.capacity())?;
         let result = run.run(model, batches, gen_len, between);
         let stats = run.finish(result)?;
         Ok(BlockStats {
@@ -288,6 +269,83 @@ impl Runtime {
             ..stats
         })
     }
+}
+
+/// Checks, before any weight is read, that a full block of `shape` (`gpu_batch_size` sequences
+/// in each of `num_gpu_batches` micro-batches) fits `budgets` under `policy`: weight homes,
+/// fetch buffers, KV cache homes and workspaces, activations.
+///
+/// # Errors
+/// A budget error naming the tier, the bytes needed and the budget;
+/// a policy error for an invalid policy.
+pub fn check_block<M: BlockModel>(
+    model: &M,
+    policy: &Policy,
+    budgets: &Budgets,
+    shape: BlockShape,
+) -> Result<()> {
+    policy.validate()?;
+    let plan = WeightPlan::new(model.layers(), policy);
+    let rows = vec![policy.gpu_batch_size; policy.num_gpu_batches];
+    check_block_bytes(model, &plan, policy, budgets, &rows, shape)
+}
+
+/// Checks [`block_bytes`] of micro-batches of `rows` sequences against `budgets`.
+fn check_block_bytes<M: BlockModel>(
+    model: &M,
+    plan: &WeightPlan,
+    policy: &Policy,
+    budgets: &Budgets,
+    rows: &[usize],
+    shape: BlockShape,
+) -> Result<()> {
+    let capacity = shape.capacity();
+    let bytes = block_bytes(model, plan, policy, rows, shape.prompt_len, capacity);
+    budgets.check(
+        bytes,
+        &format!(
+            "a block of {} sequences x {capacity} tokens (weights, KV cache, workspaces, activations)",
+            rows.iter().sum::<usize>()
+        ),
+    )
+}
+
+/// Per-tier bytes of a block of `rows` sequences per micro-batch: weight homes, fetch buffers,
+/// cache homes, cache workspaces and activations.
+fn block_bytes<M: BlockModel>(
+    model: &M,
+    plan: &WeightPlan,
+    policy: &Policy,
+    rows: &[usize],
+    prompt_len: usize,
+    capacity: usize,
+) -> [u64; 3] {
+    let mut bytes = [0u64; 3];
+    let [c, h, d] = plan.home_bytes;
+    bytes[0] += c + fetch_buffer_bytes(plan);
+    bytes[1] += h;
+    bytes[2] += d;
+    let mut workspace = 0u64;
+    for spec in model.layers().iter().filter_map(|l| l.cache.as_ref()) {
+        let per_seq = (capacity * spec.token_bytes()) as u64;
+        for &r in rows {
+            let split = split_cache(r, &policy.cache);
+            for (t, n) in split.iter().enumerate() {
+                bytes[t] += *n as u64 * per_seq;
+            }
+            if !in_place(&split) {
+                workspace = workspace.max(r as u64 * per_seq);
+            }
+        }
+    }
+    let in_flight = if policy.overlap { 3 } else { 1 };
+    bytes[0] += in_flight * workspace;
+    let act: u64 = rows
+        .iter()
+        .map(|&r| model.activation_bytes(r, prompt_len))
+        .sum();
+    bytes[policy.activation_tier() as usize] += act;
+    bytes
 }
 
 /// Whether a micro-batch's cache split lives on one RAM tier, so attention runs on it in place.

@@ -5,8 +5,8 @@
 
 use flexgen_core::{kernels, DType, Matrix};
 use flexgen_offload::{
-    BlockModel, Budgets, CacheSpec, CacheView, DynError, Elem, LayerSpec, OffloadOptions,
-    PlaneSpec, Policy, Runtime, Step, Tensor, Tier, WeightSource, WeightSpec,
+    check_block, BlockModel, BlockShape, Budgets, CacheSpec, CacheView, DynError, Elem, LayerSpec,
+    OffloadOptions, PlaneSpec, Policy, Runtime, Step, Tensor, Tier, WeightSource, WeightSpec,
 };
 use flexgen_quant::{linear_packed, QuantizedTensor};
 use proptest::prelude::*;
@@ -288,6 +288,7 @@ fn run(toy: &Toy, policy: &Policy, prompts: &[Vec<u32>], gen: usize) -> RunResul
         direct_io: true,
         io_threads: 3,
         budgets: Budgets::unlimited(),
+        planned_block: None,
     };
     let mut rt = Runtime::new(&toy.layers, &Source, policy, &options, &mut |_, _| {}).unwrap();
     let mut batches: Vec<Batch> = prompts
@@ -500,4 +501,18 @@ fn budgets_reject_before_any_work() {
         .to_string();
     assert!(e.contains("a block of 64 sequences"), "{e}");
     assert!(batches[0].out[0].is_empty());
+    // The same check without a runtime, as a loader runs it before reading any weight.
+    let shape = BlockShape {
+        prompt_len: 8,
+        gen_len: 64,
+    };
+    let planned = check_block(&toy, &policy, &options.budgets, shape)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(planned, e);
+    let one = Policy {
+        gpu_batch_size: 1,
+        ..policy.clone()
+    };
+    check_block(&toy, &one, &options.budgets, shape).unwrap();
 }

@@ -34,8 +34,9 @@ use std::sync::Mutex;
 use flexgen_core::kernels::AttentionShape;
 use flexgen_core::DType;
 use flexgen_offload::{
-    BlockModel, BlockStats, CacheSpec, CacheView, DynError, Elem, FileLocation, LayerSpec,
-    OffloadOptions, PlaneSpec, Policy, Runtime, Step, Tensor, TensorKind, WeightSource, WeightSpec,
+    check_block, BlockModel, BlockStats, CacheSpec, CacheView, DynError, Elem, FileLocation,
+    LayerSpec, OffloadOptions, PlaneSpec, Policy, Runtime, Step, Tensor, TensorKind, WeightSource,
+    WeightSpec,
 };
 use flexgen_quant::{attention_packed, CompressionConfig, PackedKvCache};
 use half::f16;
@@ -1035,6 +1036,9 @@ impl OffloadedOpt {
     ) -> Result<Self> {
         policy.validate()?;
         let layers = OptLayers::new(config, tensors, dtype, policy)?;
+        if let Some(shape) = options.planned_block {
+            check_block(&layers, policy, &options.budgets, shape)?;
+        }
         let source = Source { tensors, ckpt };
         let runtime = Runtime::new(&layers.specs, &source, policy, options, progress)?;
         Ok(OffloadedOpt {

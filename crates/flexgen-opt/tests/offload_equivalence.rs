@@ -5,7 +5,7 @@
 mod common;
 
 use flexgen_core::DType;
-use flexgen_offload::{Budgets, OffloadOptions, Policy};
+use flexgen_offload::{BlockShape, Budgets, OffloadOptions, Policy};
 use flexgen_opt::offloaded::OffloadedOpt;
 use flexgen_opt::{
     generate, generate_rows, Error, Flow, GenerationConfig, LoadOptions, OptConfig, OptModel,
@@ -18,6 +18,7 @@ fn options(dir: &tempfile::TempDir) -> OffloadOptions {
         direct_io: true,
         io_threads: 2,
         budgets: Budgets::unlimited(),
+        planned_block: None,
     }
 }
 
@@ -181,6 +182,48 @@ fn bad_policies_and_requests_are_typed_errors() {
     };
     let e = OffloadedOpt::load(&dir, None, &Policy::default(), &tight, &mut |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("compute tier"), "{e}");
+    // A planned block whose KV cache cannot fit is refused before any weight is read (the
+    // weights alone fit this budget); the same budget takes a block of one short sequence.
+    let weights_fit = OffloadOptions {
+        budgets: Budgets {
+            compute: 8 << 20,
+            ..Budgets::unlimited()
+        },
+        ..options(&tmp)
+    };
+    let big_block = Policy {
+        gpu_batch_size: 64,
+        num_gpu_batches: 4,
+        ..Policy::default()
+    };
+    let planned = |prompt_len, gen_len| OffloadOptions {
+        planned_block: Some(BlockShape {
+            prompt_len,
+            gen_len,
+        }),
+        ..weights_fit.clone()
+    };
+    let mut weights_read = 0;
+    let e = OffloadedOpt::load(&dir, None, &big_block, &planned(512, 512), &mut |_, _| {
+        weights_read += 1
+    })
+    .unwrap_err();
+    assert_eq!(weights_read, 0, "refused only after reading weights: {e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("compute tier") && msg.contains("256 sequences x 1023 tokens"),
+        "{msg}"
+    );
+    let small = Policy {
+        gpu_batch_size: 1,
+        num_gpu_batches: 1,
+        ..Policy::default()
+    };
+    OffloadedOpt::load(&dir, None, &small, &planned(4, 4), &mut |_, _| {
+        weights_read += 1
+    })
+    .unwrap();
+    assert!(weights_read > 0);
     let model = OffloadedOpt::load(
         &dir,
         None,
