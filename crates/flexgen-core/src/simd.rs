@@ -23,6 +23,18 @@ pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512_gemm;
 
+/// Transposes a 16 x 16 block of 32-bit lanes held in 16 registers (row `i` in `r[i]`
+/// becomes column `i`): 64 register shuffles, no memory traffic. For crates that write
+/// weights straight into [`crate::kernels::PANEL_WIDTH`]-wide GEMM panels.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; call it from a function compiled with it enabled.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn transpose16x16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    avx512_gemm::transpose16(r)
+}
+
 /// Instruction-set level used by the crate's kernels, ordered from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SimdLevel {

@@ -158,20 +158,33 @@ fn check_dims(
     bias: Option<&[f32]>,
     out: &[f32],
 ) -> Result<()> {
+    check_dims_of(OP, x, m, n, k, bias, out)
+}
+
+/// [`check_dims`] for the operation `op`.
+pub(crate) fn check_dims_of(
+    op: &'static str,
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &[f32],
+) -> Result<()> {
     check_len(
-        OP,
+        op,
         "x (m * in_features)",
         x.len(),
-        checked_product(OP, &[m, k])?,
+        checked_product(op, &[m, k])?,
     )?;
     check_len(
-        OP,
+        op,
         "out (m * out_features)",
         out.len(),
-        checked_product(OP, &[m, n])?,
+        checked_product(op, &[m, n])?,
     )?;
     if let Some(b) = bias {
-        check_len(OP, "bias (out_features)", b.len(), n)?;
+        check_len(op, "bias (out_features)", b.len(), n)?;
     }
     Ok(())
 }

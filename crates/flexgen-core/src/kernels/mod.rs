@@ -13,6 +13,7 @@ pub mod layer_norm;
 pub mod linear;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod panel_gemm;
+pub mod row_blocks;
 pub mod softmax;
 
 pub use activation::{relu_inplace, relu_inplace_with_level, relu_ref};
@@ -28,6 +29,9 @@ pub use layer_norm::{layer_norm, layer_norm_ref, layer_norm_with_level};
 pub use linear::{
     linear, linear_prepacked, linear_prepacked_with_level, linear_ref, linear_with_level,
     linear_with_path, par_output_rows, LinearPath,
+};
+pub use row_blocks::{
+    linear_row_blocks, row_blocks_supported, RowBlocks, PANEL_WIDTH, ROW_BLOCK_COLS,
 };
 pub use softmax::{masked_softmax, masked_softmax_ref, masked_softmax_with_level};
 

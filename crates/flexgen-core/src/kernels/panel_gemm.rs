@@ -24,6 +24,7 @@ use bytemuck::{cast_slice, cast_slice_mut};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::row_blocks::RowBlocks;
 use super::SharedOut;
 use crate::dtype::DType;
 use crate::matrix::{Matrix, Storage};
@@ -127,6 +128,25 @@ thread_local! {
     static X_PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Packed weight block of a worker thread.
     static W_PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// A [`RowBlocks`] weight's `f32` block, before packing, of a worker thread.
+    static W_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` values of `cell`'s buffer (a fresh one if it is already borrowed).
+fn with_f32_buf<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Runs `f` with `len` words of `cell`'s buffer (a fresh one if it is already borrowed).
@@ -207,6 +227,9 @@ enum Weights<'a> {
     Words(&'a [u32], usize),
     /// Prepacked `f16` halves, indexed like [`Weights::Words`].
     Halves(&'a [f16], usize),
+    /// A weight that writes `f32` blocks of its rows on request, packed per task and block
+    /// of `k` like [`Weights::RowMajor`].
+    Blocks(&'a dyn RowBlocks),
 }
 
 /// `out = x · Wᵀ (+ bias)` for a row-major `w` with the packed-panel GEMM.
@@ -246,6 +269,29 @@ pub(crate) fn gemm(
         bias,
         out,
         micro,
+    );
+}
+
+/// `out = x · Wᵀ (+ bias)` for a weight decoded block by block ([`RowBlocks`]), with the
+/// `f32` micro-kernel. Requirements as [`gemm`].
+pub(crate) fn gemm_row_blocks(
+    x: &[f32],
+    m: usize,
+    w: &dyn RowBlocks,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(KW, super::row_blocks::ROW_BLOCK_COLS);
+    debug_assert_eq!(NR, super::row_blocks::PANEL_WIDTH);
+    run(
+        x,
+        m,
+        w.rows(),
+        w.cols(),
+        Weights::Blocks(w),
+        bias,
+        out,
+        Micro::F32,
     );
 }
 
@@ -304,7 +350,7 @@ fn run(
     let col_tasks = n_panels.div_ceil(NB);
     // Row blocks only when the weights need no packing (else each block would repack them).
     let mb = match weights {
-        Weights::RowMajor(_) => m_panels,
+        Weights::RowMajor(_) | Weights::Blocks(_) => m_panels,
         _ => MB,
     };
     let row_tasks = m_panels.div_ceil(mb);
@@ -324,17 +370,33 @@ fn run(
             let np = NB.min(n_panels - p0);
             let (ip0, ip1) = (rt * mb, m_panels.min((rt + 1) * mb));
             let pack_len = match weights {
-                Weights::RowMajor(_) => np * KW.min(wsteps) * NR,
+                Weights::RowMajor(_) | Weights::Blocks(_) => np * KW.min(wsteps) * NR,
                 _ => 0,
             };
             with_buf(&W_PACK, pack_len, |wbuf| {
                 let mut s0 = 0;
                 while s0 < wsteps {
                     let kw = KW.min(wsteps - s0);
-                    if let Weights::RowMajor(src) = weights {
-                        // SAFETY: AVX-512 checked above; `src` holds `n * k` elements (a
-                        // `Matrix` invariant); `wbuf` has `np * kw * NR` words or more.
-                        unsafe { pack_weights(src, n, k, p0 * NR, np, s0, kw, wbuf) };
+                    match weights {
+                        Weights::RowMajor(src) => {
+                            // SAFETY: AVX-512 checked above; `src` holds `n * k` elements (a
+                            // `Matrix` invariant); `wbuf` has `np * kw * NR` words or more.
+                            unsafe { pack_weights(src, n, k, p0 * NR, np, s0, kw, wbuf) };
+                        }
+                        Weights::Blocks(src) => {
+                            let rows = (np * NR).min(n - p0 * NR);
+                            let panels: &mut [f32] = cast_slice_mut(&mut wbuf[..np * kw * NR]);
+                            if !src.write_panels(p0 * NR, rows, s0, kw, panels) {
+                                with_f32_buf(&W_BLOCK, rows * kw, |block| {
+                                    src.write_block(p0 * NR, rows, s0, kw, block);
+                                    let words = WeightWords::F32(block);
+                                    // SAFETY: AVX-512 checked above; `block` holds
+                                    // `rows * kw` elements; `wbuf` has `np * kw * NR` words.
+                                    unsafe { pack_weights(words, rows, kw, 0, np, 0, kw, wbuf) };
+                                });
+                            }
+                        }
+                        _ => {}
                     }
                     for pi in 0..np {
                         let col = (p0 + pi) * NR;
@@ -346,7 +408,7 @@ fn run(
                         };
                         // The weight words (or halves) of panel `p0 + pi`, steps `s0..s0+kw`.
                         let wpanel = match weights {
-                            Weights::RowMajor(_) => {
+                            Weights::RowMajor(_) | Weights::Blocks(_) => {
                                 WPanel::Words(&wbuf[pi * kw * NR..(pi + 1) * kw * NR])
                             }
                             Weights::Words(d, steps) => {

@@ -327,7 +327,7 @@ pub(crate) unsafe fn ukr_dot_emulated<const M: usize>(
 /// Transposes a 16 x 16 block of 32-bit elements held in 16 registers (row `i` in `r[i]`
 /// becomes column `i`).
 #[inline(always)]
-fn transpose16(r: &mut [__m512; 16]) {
+pub(crate) fn transpose16(r: &mut [__m512; 16]) {
     // SAFETY: register-only shuffles; AVX-512 F is enabled in every caller.
     unsafe {
         let mut t = [_mm512_setzero_ps(); 16];
