@@ -10,7 +10,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use flexgen::core::kernels::{self, AttentionShape};
 use flexgen::core::{DType, Matrix};
 use flexgen::quant::{
-    attention_packed, linear_packed, CompressionConfig, PackedKvCache, QuantizedTensor,
+    attention_packed, linear_packed, linear_packed_path, CompressionConfig, PackedKvCache,
+    PackedPath, QuantizedTensor, BLOCKS_MIN_M, FUSED_MAX_M,
 };
 
 fn shapes() -> Vec<(&'static str, usize, usize)> {
@@ -67,7 +68,7 @@ fn bench_linear(c: &mut Criterion) {
         let q8 = QuantizedTensor::from_matrix(&base, CompressionConfig::WEIGHT_8BIT).unwrap();
         let f32w = base.to_dtype(DType::F32);
         let bf16w = base.to_dtype(DType::BF16);
-        for m in [1usize, 8, 32, 256] {
+        for m in [1usize, 8, 16, 32, 64, 256] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 97) as f32 * 1e-2).collect();
             let mut y = vec![0f32; m * n];
             group.throughput(Throughput::Elements((2 * m * n * k) as u64));
@@ -76,6 +77,20 @@ fn bench_linear(c: &mut Criterion) {
                     BenchmarkId::new(format!("{name}/{label}"), m),
                     &m,
                     |b, &m| b.iter(|| linear_packed(&x, m, q, None, &mut y).unwrap()),
+                );
+            }
+            if (BLOCKS_MIN_M..=FUSED_MAX_M).contains(&m) {
+                // The fused kernel where the default is the block path: the crossover.
+                let level = flexgen::core::simd_level();
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{name}/q4-fused"), m),
+                    &m,
+                    |b, &m| {
+                        b.iter(|| {
+                            linear_packed_path(level, PackedPath::Fused, &x, m, &q4, None, &mut y)
+                                .unwrap()
+                        })
+                    },
                 );
             }
             for (label, w) in [("bf16", &bf16w), ("f32", &f32w)] {

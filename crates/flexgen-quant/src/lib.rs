@@ -75,7 +75,7 @@ pub use config::CompressionConfig;
 pub use error::{Error, Result};
 pub use kv::{attention_packed, attention_packed_ref, attention_packed_with_level, PackedKvCache};
 pub use linear::{
-    embedding_packed, linear_packed, linear_packed_path, linear_packed_ref,
-    linear_packed_with_level, PackedPath, FUSED_MAX_M,
+    blocks_supported, embedding_packed, linear_packed, linear_packed_path, linear_packed_ref,
+    linear_packed_with_level, PackedPath, BLOCKS_MIN_M, FUSED_MAX_M,
 };
 pub use tensor::QuantizedTensor;

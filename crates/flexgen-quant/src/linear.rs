@@ -4,13 +4,17 @@
 //!   8-bit groups of a multiple of 16): the SIMD kernels of [`crate::simd`] read each row's
 //!   codes once per block of `x` rows and never materialise the dequantized matrix; rayon splits
 //!   the output rows.
-//! - Panel path (larger `m`, or other layouts): panels of rows are dequantized into an `f32`
-//!   buffer (a few MiB, never the whole matrix) and multiplied with flexgen-core's `linear`
-//!   (its packed-panel GEMM at large `m`), FlexGen's "decompress then compute" per panel.
+//! - Block path (AVX-512, `m >= BLOCKS_MIN_M`, `group_dim = 1`, groups that divide
+//!   [`ROW_BLOCK_COLS`]): flexgen-core's packed-panel GEMM asks for one block of `f32`
+//!   weights at a time ([`RowBlocks`]: 256 outputs x 256 inputs, in L2), which the SIMD
+//!   dequantizer writes straight from the codes; each weight is decoded once per call.
+//! - Panel path (other levels or layouts, larger `m`): panels of rows are dequantized into an
+//!   `f32` buffer (tens of MiB, never the whole matrix) and multiplied with flexgen-core's
+//!   `linear`, FlexGen's "decompress then compute" per panel.
 
 use std::cell::RefCell;
 
-use flexgen_core::kernels;
+use flexgen_core::kernels::{self, row_blocks_supported, RowBlocks, ROW_BLOCK_COLS};
 use flexgen_core::{simd_level, Matrix, SimdLevel, Storage};
 use rayon::prelude::*;
 
@@ -21,8 +25,13 @@ use crate::tensor::QuantizedTensor;
 
 const OP: &str = "linear_packed";
 
-/// Largest `m` (rows of `x`) served by the fused kernels; above it, dequantized panels + flexgen-core's `linear`.
+/// Largest `m` (rows of `x`) served by the fused kernels where the block path is not
+/// available; above it, dequantized panels + flexgen-core's `linear`.
 pub const FUSED_MAX_M: usize = 64;
+
+/// Smallest `m` served by the block path (where available): from here the GEMM on decoded
+/// blocks beats the fused kernels (measured crossover 20-28 rows on OPT-1.3B/6.7B shapes).
+pub const BLOCKS_MIN_M: usize = 24;
 
 /// Weight values dequantized per panel on the panel path (32 MiB of `f32`, kept per thread).
 const PANEL_ELEMS: usize = 1 << 23;
@@ -38,6 +47,17 @@ pub enum PackedPath {
     Fused,
     /// Dequantize panels of rows to `f32`, then flexgen-core's `linear`.
     Panels,
+    /// flexgen-core's packed-panel GEMM on blocks decoded on demand (falls back to the panel
+    /// path where [`blocks_supported`] is false).
+    Blocks,
+}
+
+/// Whether [`PackedPath::Blocks`] runs for `w` at `level`: AVX-512, rows grouped along their
+/// columns (`group_dim = 1`), groups that divide [`ROW_BLOCK_COLS`].
+pub fn blocks_supported(level: SimdLevel, w: &QuantizedTensor) -> bool {
+    level == SimdLevel::Avx512
+        && row_blocks_supported()
+        && row_view(w).is_some_and(|r| ROW_BLOCK_COLS.is_multiple_of(r.gs))
 }
 
 /// `out[m, n] = x[m, k] · Wᵀ + bias` for a packed `(n, k)` weight `w` (rank 2).
@@ -77,7 +97,13 @@ pub fn linear_packed_with_level(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    let path = if m <= FUSED_MAX_M {
+    let path = if blocks_supported(level, w) {
+        if m >= BLOCKS_MIN_M {
+            PackedPath::Blocks
+        } else {
+            PackedPath::Fused
+        }
+    } else if m <= FUSED_MAX_M {
         PackedPath::Fused
     } else {
         PackedPath::Panels
@@ -112,6 +138,9 @@ pub fn linear_packed_path(
     let rows = row_view(w);
     match rows {
         Some(r) if path == PackedPath::Fused && r.fused() => fused(level, r, x, m, bias, out),
+        Some(rows) if path == PackedPath::Blocks && blocks_supported(level, w) => {
+            kernels::linear_row_blocks(x, m, &DecodedBlocks { rows, level }, bias, out)?;
+        }
         _ => panels(level, w, x, m, bias, out)?,
     }
     Ok(())
@@ -243,6 +272,65 @@ pub(crate) fn dequant_rows(level: SimdLevel, w: &QuantizedTensor, r0: usize, out
             }
             r = end;
         }
+    }
+}
+
+/// A row-grouped packed weight as flexgen-core's [`RowBlocks`]: each block is dequantized
+/// from the codes by the SIMD decoder of `level`.
+struct DecodedBlocks<'a> {
+    rows: Rows<'a>,
+    level: SimdLevel,
+}
+
+impl DecodedBlocks<'_> {
+    /// Rows `r0 .. r0 + rows`, columns `c0 .. c0 + cols` (`c0` a multiple of `gs`, which
+    /// `blocks_supported` guarantees for multiples of ROW_BLOCK_COLS).
+    fn block(&self, r0: usize, rows: usize, c0: usize, cols: usize) -> Rows<'_> {
+        let w = self.rows;
+        debug_assert_eq!(c0 % w.gs, 0);
+        let g0 = c0 / w.gs;
+        Rows {
+            codes: &w.codes[r0 * w.code_stride + g0 * w.group_bytes()..],
+            params: &w.params[r0 * w.param_stride + 2 * g0..],
+            rows,
+            cols,
+            ..w
+        }
+    }
+}
+
+impl RowBlocks for DecodedBlocks<'_> {
+    fn rows(&self) -> usize {
+        self.rows.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.rows.cols
+    }
+
+    fn write_block(&self, r0: usize, rows: usize, c0: usize, cols: usize, dst: &mut [f32]) {
+        let block = self.block(r0, rows, c0, cols);
+        // SAFETY: `level` was checked with `ensure_available` by `linear_packed_path`; the
+        // kernel checks that the block's rows lie inside the slices.
+        dispatch!(self.level, K => unsafe { K::dequant(block, dst) });
+    }
+
+    fn write_panels(
+        &self,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        cols: usize,
+        dst: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.level == SimdLevel::Avx512 {
+            let block = self.block(r0, rows, c0, cols);
+            // SAFETY: the level was checked with `ensure_available` by `linear_packed_path`.
+            return unsafe { crate::simd::avx512::write_panels(block, dst) };
+        }
+        let _ = (r0, rows, c0, cols, dst);
+        false
     }
 }
 
@@ -412,7 +500,7 @@ mod tests {
         linear_packed(x, m, w, bias, &mut got).unwrap();
         assert_close(&got, &want, &scale, "default");
         for level in available_levels() {
-            for path in [PackedPath::Fused, PackedPath::Panels] {
+            for path in [PackedPath::Fused, PackedPath::Panels, PackedPath::Blocks] {
                 let mut got = vec![f32::NAN; m * n];
                 linear_packed_path(level, path, x, m, w, bias, &mut got).unwrap();
                 assert_close(
@@ -490,7 +578,7 @@ mod tests {
             let (n, k) = (300, 1000);
             let w = QuantizedTensor::compress(&data(n * k, 3), &[n, k], cfg).unwrap();
             let bias = data(n, 5);
-            for m in [1, 5, 70] {
+            for m in [1, 5, 20, 70] {
                 check_all(&data(m * k, 11), m, &w, Some(&bias));
             }
         }

@@ -373,6 +373,116 @@ fn axpy(p: &[f32], w: Rows<'_>, out: &mut [f32]) {
     }
 }
 
+/// Output features per GEMM panel (flexgen-core's layout).
+const PW: usize = flexgen_core::kernels::PANEL_WIDTH;
+
+/// Writes the block `w` (rows of one column block, `w.cols % w.gs == 0`, a fused format)
+/// straight in flexgen-core's GEMM panel layout: `dst[(p * cols + s) * PW + j] =
+/// W[p * PW + j, s]`, zero for rows past `w.rows`. Each 16 rows x 16 columns are decoded
+/// into registers (the `vpermps` table lookup of [`tile`] for 4-bit, `q · step + min` for
+/// 8-bit) and transposed there, so the block is never written row-major.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, FMA, F16C; `w.assert_in_bounds()` holds.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn decode_panels(w: Rows<'_>, dst: &mut [f32]) {
+    let (cols, gs, gb) = (w.cols, w.gs, w.group_bytes());
+    let np = w.rows.div_ceil(PW);
+    assert!(
+        w.fused() && cols.is_multiple_of(gs) && dst.len() == np * cols * PW,
+        "decode_panels: unsupported block"
+    );
+    let d = dst.as_mut_ptr();
+    for p in 0..np {
+        for half in 0..2 {
+            let r0 = p * PW + half * 16;
+            let nr = w.rows.saturating_sub(r0).min(16);
+            if nr == 0 {
+                for s in 0..cols {
+                    // SAFETY: step `s < cols` of panel `p < np`, lanes `half * 16 ..` of 32.
+                    unsafe {
+                        _mm512_storeu_ps(
+                            d.add((p * cols + s) * PW + half * 16),
+                            _mm512_setzero_ps(),
+                        )
+                    };
+                }
+                continue;
+            }
+            // Writes the 16 columns `c0 ..` held (transposed) in `v`.
+            let store = |v: &mut [__m512; 16], c0: usize| {
+                // SAFETY: AVX-512 F is enabled in this function.
+                unsafe { flexgen_core::simd::transpose16x16(v) };
+                for (c, reg) in v.iter().enumerate() {
+                    // SAFETY: column `c0 + c < cols` (groups are whole, 16 | gs), panel `p`.
+                    unsafe { _mm512_storeu_ps(d.add((p * cols + c0 + c) * PW + half * 16), *reg) };
+                }
+            };
+            for g in 0..cols / gs {
+                let mut tabs = [_mm512_setzero_ps(); 16];
+                let mut steps = [_mm512_setzero_ps(); 16];
+                let mut mins = [_mm512_setzero_ps(); 16];
+                for r in 0..nr.min(16) {
+                    // SAFETY: row `r0 + r < w.rows`, group `g` in bounds (asserted by caller).
+                    let (st, mn) =
+                        unsafe { params(w.params.as_ptr().add((r0 + r) * w.param_stride + 2 * g)) };
+                    (steps[r], mins[r]) = (st, mn);
+                    tabs[r] = table(st, mn);
+                }
+                // Rows past `nr` read row `nr - 1` and are zeroed below: the loops over all 16
+                // rows keep `v` in registers.
+                let code = |r: usize, t: usize| {
+                    let r = r.min(nr - 1);
+                    // SAFETY: bytes `g * gb + t .. + 16 <= (g + 1) * gb` of row `r0 + r`.
+                    unsafe { widen16(w.codes.as_ptr().add((r0 + r) * w.code_stride + g * gb + t)) }
+                };
+                let live = |r: usize, v: __m512| if r < nr { v } else { _mm512_setzero_ps() };
+                let mut v = [_mm512_setzero_ps(); 16];
+                if w.bits == 4 {
+                    let mut t = 0;
+                    while t < gb {
+                        for r in 0..16 {
+                            v[r] = live(r, _mm512_permutexvar_ps(code(r, t), tabs[r]));
+                        }
+                        store(&mut v, g * gs + t);
+                        for r in 0..nr {
+                            v[r] =
+                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(code(r, t)), tabs[r]);
+                        }
+                        store(&mut v, g * gs + gb + t);
+                        t += 16;
+                    }
+                } else {
+                    let mut t = 0;
+                    while t < gs {
+                        for r in 0..16 {
+                            v[r] = live(r, decode8(code(r, t), steps[r], mins[r]));
+                        }
+                        store(&mut v, g * gs + t);
+                        t += 16;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`decode_panels`] behind a check of what it supports: `false` (nothing written) for a
+/// format without a fused kernel or a block with a ragged last group.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, FMA, F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn write_panels(w: Rows<'_>, dst: &mut [f32]) -> bool {
+    if !w.fused() || !w.cols.is_multiple_of(w.gs) || w.rows == 0 || w.cols == 0 {
+        return false;
+    }
+    w.assert_in_bounds();
+    // SAFETY: forwarded from the caller; bounds asserted above.
+    unsafe { decode_panels(w, dst) };
+    true
+}
+
 impl QKern for Avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn gemv(w: Rows<'_>, x: &[f32], m: usize, out_t: &mut [f32]) {
