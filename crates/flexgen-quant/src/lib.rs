@@ -5,7 +5,7 @@
 //! |------|---------|
 //! | [`CompressionConfig`] | bits (1/2/4/8), group size, group dimension, symmetric or min/max |
 //! | [`QuantizedTensor`] | packed codes + per-group `(step, min)` in `f16`, any rank and group dim |
-//! | [`linear_packed`] | `y = x · Wᵀ + b` from a packed weight (fused SIMD kernels, no dequantized copy) |
+//! | [`linear_packed`] | `y = x · Wᵀ + b` from a packed weight, no dequantized copy (fused SIMD kernels up to 23 rows of `x`; from 24 rows flexgen-core's GEMM on 256 x 256 blocks decoded on demand) |
 //! | [`embedding_packed`] | rows of a packed table (token embeddings) |
 //! | [`PackedKvCache`], [`attention_packed`] | KV cache compressed along `head_dim`, attention that reads it directly |
 //!
