@@ -41,6 +41,28 @@ unsafe fn params(p: *const f16) -> (__m512, __m512) {
     )
 }
 
+/// Groups whose parameters [`tile`] converts at once.
+const PARAM_RUN: usize = 8;
+
+/// Converts the `(step, min)` pairs of `count <= PARAM_RUN` consecutive groups at `p` to
+/// `f32` in `out` (`[step0, min0, step1, min1, ..]`).
+///
+/// # Safety
+/// `p` must be valid for reading `2 * count` `f16`; AVX-512 as above.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn convert_params(p: *const f16, count: usize, out: &mut [f32; 2 * PARAM_RUN]) {
+    let mask: __mmask16 = if count >= PARAM_RUN {
+        !0
+    } else {
+        (1u16 << (2 * count)) - 1
+    };
+    // SAFETY: the masked lanes address exactly the `2 * count` readable halves.
+    let h = unsafe { _mm256_maskz_loadu_epi16(mask, p.cast()) };
+    // SAFETY: `out` holds 16 `f32`.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_cvtph_ps(h)) };
+}
+
 /// `t[q] = q · step + min` for `q < 16`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -94,17 +116,30 @@ unsafe fn tile<const BITS: u8, const R: usize, const M: usize>(
     let full = k / gs;
     let gb = w.group_bytes();
     let mut acc = [[_mm512_setzero_ps(); M]; R];
-    for g in 0..w.groups() {
+    let groups = w.groups();
+    // The `(step, min)` pairs of the next PARAM_RUN groups of each row, converted to `f32`
+    // once per run: then each group's table costs two broadcast loads and one FMA.
+    let mut run = [[0f32; 2 * PARAM_RUN]; R];
+    for g in 0..groups {
         let (xg, xs) = if g < full {
             (x.wrapping_add(g * gs), k)
         } else {
             (xt, gs)
         };
+        let gi = g % PARAM_RUN;
+        if gi == 0 {
+            let count = (groups - g).min(PARAM_RUN);
+            for (r, pr) in run.iter_mut().enumerate() {
+                // SAFETY: row r < R, groups `g .. g + count <= groups`: inside the caller's
+                // rows (2 `f16` per group).
+                unsafe { convert_params(wp.add(r * w.param_stride + 2 * g), count, pr) };
+            }
+        }
         let mut step = [_mm512_setzero_ps(); R];
         let mut min = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            // SAFETY: row r < R, group g < groups: inside the caller's rows.
-            (step[r], min[r]) = unsafe { params(wp.add(r * w.param_stride + 2 * g)) };
+            step[r] = _mm512_set1_ps(run[r][2 * gi]);
+            min[r] = _mm512_set1_ps(run[r][2 * gi + 1]);
         }
         let cg = g * gb;
         // Fetch the same group of the next tile's rows (the rows after these R) while this
