@@ -33,14 +33,14 @@ pub(crate) fn decode_value(code: u8, step: f32, min: f32) -> f32 {
 /// Errors (as a message) when a value is NaN or infinite, or when the minimum or step does not
 /// fit in `f16`.
 pub(crate) fn group_params(vals: &[f32], cfg: &CompressionConfig) -> Result<GroupParams, String> {
-    let mut lo = f32::INFINITY;
-    let mut hi = f32::NEG_INFINITY;
-    for &v in vals {
-        if !v.is_finite() {
-            return Err(format!("value {v} is not finite"));
-        }
-        lo = lo.min(v);
-        hi = hi.max(v);
+    let (lo, hi, finite) = min_max_finite(vals);
+    if !finite {
+        let v = vals
+            .iter()
+            .find(|v| !v.is_finite())
+            .copied()
+            .unwrap_or(f32::NAN);
+        return Err(format!("value {v} is not finite"));
     }
     if vals.is_empty() {
         return Ok(GroupParams {
@@ -66,6 +66,39 @@ pub(crate) fn group_params(vals: &[f32], cfg: &CompressionConfig) -> Result<Grou
     Ok(GroupParams { step, min })
 }
 
+/// `(min, max, all finite)` of `vals` (`(inf, -inf, true)` when empty). Eight independent
+/// lanes and compare-select (NaN handling is moot: any NaN makes `all finite` false), so the
+/// compiler turns the loop into SIMD min/max instead of scalar IEEE `minNum` chains.
+fn min_max_finite(vals: &[f32]) -> (f32, f32, bool) {
+    const LANES: usize = 8;
+    const EXP: u32 = 0x7f80_0000;
+    let mut lo = [f32::INFINITY; LANES];
+    let mut hi = [f32::NEG_INFINITY; LANES];
+    let mut bad = [0u32; LANES];
+    let chunks = vals.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let v = c[i];
+            lo[i] = if v < lo[i] { v } else { lo[i] };
+            hi[i] = if v > hi[i] { v } else { hi[i] };
+            bad[i] |= u32::from(v.to_bits() & EXP == EXP);
+        }
+    }
+    for (i, &v) in tail.iter().enumerate() {
+        lo[i] = if v < lo[i] { v } else { lo[i] };
+        hi[i] = if v > hi[i] { v } else { hi[i] };
+        bad[i] |= u32::from(v.to_bits() & EXP == EXP);
+    }
+    let lo = lo
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    let hi = hi
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    (lo, hi, bad.iter().all(|&b| b == 0))
+}
+
 /// The largest code a group may use (`2^b − 2` in symmetric mode, else `2^b − 1`).
 #[inline]
 pub(crate) fn top_code(cfg: &CompressionConfig) -> u8 {
@@ -76,21 +109,20 @@ pub(crate) fn top_code(cfg: &CompressionConfig) -> u8 {
     }
 }
 
-/// The code of `v`: `round((v − min) / step)` (ties to even), clamped to `0..=top`; 0 when
-/// `step` is 0 (a constant group).
-#[inline]
-pub(crate) fn encode_value(v: f32, step: f32, min: f32, top: u8) -> u8 {
-    if step > 0.0 {
-        ((v - min) / step)
-            .round_ties_even()
-            .clamp(0.0, f32::from(top)) as u8
-    } else {
-        0
-    }
+/// `x` rounded to the nearest integer, ties to even, for `0 <= x < 2^23`: adding `2^23` leaves
+/// no fraction bits, so the addition itself rounds (in the default rounding mode); unlike
+/// `f32::round_ties_even` on the baseline x86-64 target, no library call, and it vectorizes.
+/// Clamping before rounding gives the same code as after, since the bounds are integers.
+#[inline(always)]
+fn round_small(x: f32) -> f32 {
+    const TWO_23: f32 = 8_388_608.0;
+    (x + TWO_23) - TWO_23
 }
 
 /// Writes the codes of `vals` (at most `group_size`; the rest are padding with code 0) into
-/// `bytes` (`group_bytes` long) with the split packing.
+/// `bytes` (`group_bytes` long) with the split packing. The code of `v` is
+/// `round((v − min) / step)` (ties to even), clamped to `0..=top`; 0 when `step` is 0 (a
+/// constant group).
 pub(crate) fn encode_group(
     vals: &[f32],
     p: GroupParams,
@@ -100,12 +132,17 @@ pub(crate) fn encode_group(
     debug_assert!(vals.len() <= cfg.group_size && bytes.len() == cfg.group_bytes());
     bytes.fill(0);
     let (step, min) = (p.step.to_f32(), p.min.to_f32());
-    let top = top_code(cfg);
-    let nb = bytes.len();
+    if step <= 0.0 {
+        return; // a constant group: every code is 0
+    }
+    let top = f32::from(top_code(cfg));
     let bits = u32::from(cfg.num_bits);
-    for (i, &v) in vals.iter().enumerate() {
-        let q = encode_value(v, step, min, top);
-        bytes[i % nb] |= q << ((i / nb) as u32 * bits);
+    // Value `s * nb + j` goes to byte `j`, bits `s * b ..` (split packing).
+    for (s, run) in vals.chunks(bytes.len()).enumerate() {
+        let shift = s as u32 * bits;
+        for (b, &v) in bytes.iter_mut().zip(run) {
+            *b |= (round_small(((v - min) / step).clamp(0.0, top)) as u8) << shift;
+        }
     }
 }
 
@@ -128,6 +165,36 @@ pub(crate) fn decode_group(bytes: &[u8], num_bits: u8, p: GroupParams, out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The fast rounding gives the codes of the plain formula (`round_ties_even` after
+        /// the division, then the clamp), ties and out-of-range values included.
+        #[test]
+        fn codes_match_the_plain_formula(
+            v in -3.0f32..3.0,
+            min in -2.0f32..0.0,
+            step in prop_oneof![Just(0.25f32), Just(0.1f32), 1e-6f32..0.5],
+            tie in -20i32..300,
+        ) {
+            let plain = |v: f32, step: f32, min: f32, top: u8| {
+                ((v - min) / step).round_ties_even().clamp(0.0, f32::from(top)) as u8
+            };
+            for bits in [4u8, 8] {
+                let c = cfg(bits, 2, false);
+                let top = top_code(&c);
+                let p = GroupParams { step: f16::from_f32(step), min: f16::from_f32(min) };
+                let (st, mn) = (p.step.to_f32(), p.min.to_f32());
+                // A value exactly half-way between two codes, where ties-to-even matters.
+                let half = mn + (tie as f32 + 0.5) * st;
+                for x in [v, half] {
+                    let mut bytes = vec![0u8; c.group_bytes()];
+                    encode_group(&[x], p, &c, &mut bytes);
+                    prop_assert_eq!(code_at(&bytes, bits, 0), plain(x, st, mn, top), "x {}", x);
+                }
+            }
+        }
+    }
 
     fn cfg(bits: u8, gs: usize, sym: bool) -> CompressionConfig {
         CompressionConfig {
