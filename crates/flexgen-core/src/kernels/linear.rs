@@ -125,12 +125,7 @@ pub fn linear_with_path(
         return Ok(());
     }
     if k == 0 {
-        for row in out.chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(b),
-                None => row.fill(0.0),
-            }
-        }
+        fill_bias(out, n, bias);
         return Ok(());
     }
     match path {
@@ -146,22 +141,20 @@ pub fn linear_with_path(
 }
 
 fn check_args(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &[f32]) -> Result<()> {
-    check_dims(x, m, w.rows(), w.cols(), bias, out)
+    check_dims_of(OP, x, m, w.rows(), w.cols(), bias, out)
 }
 
-/// Argument checks of a linear layer with an `n x k` weight.
-fn check_dims(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    out: &[f32],
-) -> Result<()> {
-    check_dims_of(OP, x, m, n, k, bias, out)
+/// `out` (rows of `n`) set to `bias` (or zero): a product with `k = 0` inputs.
+pub(crate) fn fill_bias(out: &mut [f32], n: usize, bias: Option<&[f32]>) {
+    for row in out.chunks_exact_mut(n) {
+        match bias {
+            Some(b) => row.copy_from_slice(b),
+            None => row.fill(0.0),
+        }
+    }
 }
 
-/// [`check_dims`] for the operation `op`.
+/// Argument checks of the linear layer `op` with an `n x k` weight.
 pub(crate) fn check_dims_of(
     op: &'static str,
     x: &[f32],
@@ -215,7 +208,7 @@ pub fn linear_prepacked_with_level(
     out: &mut [f32],
 ) -> Result<()> {
     ensure_available(OP, level)?;
-    check_dims(x, m, w.rows(), w.cols(), bias, out)?;
+    check_dims_of(OP, x, m, w.rows(), w.cols(), bias, out)?;
     if let PanelData::RowMajor(mat) = w.data() {
         return linear_with_level(level, x, m, mat, bias, out);
     }

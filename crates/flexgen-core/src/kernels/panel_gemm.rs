@@ -132,37 +132,20 @@ thread_local! {
     static W_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `len` values of `cell`'s buffer (a fresh one if it is already borrowed).
-fn with_f32_buf<R>(
-    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+/// Runs `f` with `len` elements of `cell`'s buffer (a fresh one if it is already borrowed).
+fn with_buf<T: Copy + Default, R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     cell.with(|c| match c.try_borrow_mut() {
         Ok(mut v) => {
             if v.len() < len {
-                v.resize(len, 0.0);
+                v.resize(len, T::default());
             }
             f(&mut v[..len])
         }
-        Err(_) => f(&mut vec![0.0; len]),
-    })
-}
-
-/// Runs `f` with `len` words of `cell`'s buffer (a fresh one if it is already borrowed).
-fn with_buf<R>(
-    cell: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [u32]) -> R,
-) -> R {
-    cell.with(|c| match c.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < len {
-                v.resize(len, 0);
-            }
-            f(&mut v[..len])
-        }
-        Err(_) => f(&mut vec![0; len]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -387,7 +370,7 @@ fn run(
                             let rows = (np * NR).min(n - p0 * NR);
                             let panels: &mut [f32] = cast_slice_mut(&mut wbuf[..np * kw * NR]);
                             if !src.write_panels(p0 * NR, rows, s0, kw, panels) {
-                                with_f32_buf(&W_BLOCK, rows * kw, |block| {
+                                with_buf(&W_BLOCK, rows * kw, |block| {
                                     src.write_block(p0 * NR, rows, s0, kw, block);
                                     let words = WeightWords::F32(block);
                                     // SAFETY: AVX-512 checked above; `block` holds

@@ -76,12 +76,7 @@ pub fn linear_row_blocks(
         return Ok(());
     }
     if k == 0 {
-        for row in out.chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.copy_from_slice(b),
-                None => row.fill(0.0),
-            }
-        }
+        super::linear::fill_bias(out, n, bias);
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
@@ -106,6 +101,14 @@ mod tests {
         panels: bool,
     }
 
+    impl Blocks<'_> {
+        /// The block asked for follows the contract of [`RowBlocks::write_block`].
+        fn check_call(&self, r0: usize, rows: usize, c0: usize, cols: usize) {
+            assert!(c0.is_multiple_of(ROW_BLOCK_COLS) && cols <= ROW_BLOCK_COLS && cols > 0);
+            assert!(r0 + rows <= self.n && c0 + cols <= self.k);
+        }
+    }
+
     impl RowBlocks for Blocks<'_> {
         fn rows(&self) -> usize {
             self.n
@@ -114,8 +117,7 @@ mod tests {
             self.k
         }
         fn write_block(&self, r0: usize, rows: usize, c0: usize, cols: usize, dst: &mut [f32]) {
-            assert!(c0.is_multiple_of(ROW_BLOCK_COLS) && cols <= ROW_BLOCK_COLS && cols > 0);
-            assert!(r0 + rows <= self.n && c0 + cols <= self.k);
+            self.check_call(r0, rows, c0, cols);
             assert_eq!(dst.len(), rows * cols);
             for r in 0..rows {
                 let src = &self.w[(r0 + r) * self.k + c0..][..cols];
@@ -133,8 +135,7 @@ mod tests {
             if !self.panels {
                 return false;
             }
-            assert!(c0.is_multiple_of(ROW_BLOCK_COLS) && cols <= ROW_BLOCK_COLS && cols > 0);
-            assert!(r0 + rows <= self.n && c0 + cols <= self.k);
+            self.check_call(r0, rows, c0, cols);
             let np = rows.div_ceil(PANEL_WIDTH);
             assert_eq!(dst.len(), np * cols * PANEL_WIDTH);
             dst.fill(f32::NAN);
