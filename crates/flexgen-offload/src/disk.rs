@@ -1,5 +1,5 @@
-//! The disk tier: a private offload directory removed on exit, error and Ctrl-C, and files read
-//! and written with positioned I/O (`pread`/`pwrite`), bypassing the page cache with `O_DIRECT`
+//! The disk tier's files (in an [`crate::offload_dir::OffloadDir`]), read and written with
+//! positioned I/O (`pread`/`pwrite`), bypassing the page cache with `O_DIRECT`
 //! where the filesystem allows, so that disk-tier bytes never stay resident.
 //!
 //! `O_DIRECT` needs the file offset, length and memory address aligned to [`ALIGN`]. A
@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -407,77 +407,10 @@ fn with_bounce<R>(f: impl FnOnce(&mut [u8]) -> std::io::Result<R>) -> std::io::R
     })
 }
 
-/// Offload directories alive in this process, removed by the interrupt handler.
-fn live_dirs() -> &'static Mutex<Vec<PathBuf>> {
-    static DIRS: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
-    DIRS.get_or_init(|| Mutex::new(Vec::new()))
-}
-
-/// FlexGen's default offload location: `flexgen_offload_dir` under the system temp dir.
-pub fn default_offload_dir() -> PathBuf {
-    std::env::temp_dir().join("flexgen_offload_dir")
-}
-
-/// A private directory for one model's disk tier, `<parent>/flexgen-<pid>-<n>`, removed with
-/// everything in it when dropped (normal exit, error or panic) and by the handler of
-/// [`install_interrupt_cleanup`] on Ctrl-C.
-#[derive(Debug)]
-pub struct OffloadDir {
-    path: PathBuf,
-}
-
-impl OffloadDir {
-    /// Creates `parent` if needed and a fresh private directory inside it.
-    pub fn create(parent: &Path) -> Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = parent.join(format!("flexgen-{}-{n}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|e| Error::io("create directory", &path, e))?;
-        live_dirs()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(path.clone());
-        Ok(OffloadDir { path })
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for OffloadDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-        live_dirs()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|p| p != &self.path);
-    }
-}
-
-/// Removes every live offload directory (what the Ctrl-C handler does before exiting).
-pub fn remove_live_offload_dirs() {
-    let dirs = std::mem::take(&mut *live_dirs().lock().unwrap_or_else(|p| p.into_inner()));
-    for d in dirs {
-        let _ = std::fs::remove_dir_all(d);
-    }
-}
-
-/// Installs a Ctrl-C (SIGINT) handler that removes the live offload directories and exits
-/// with status 130. Programs call it once; libraries never install it themselves.
-pub fn install_interrupt_cleanup() -> Result<()> {
-    ctrlc::set_handler(|| {
-        remove_live_offload_dirs();
-        std::process::exit(130);
-    })
-    .map_err(|e| Error::Worker(format!("cannot install the Ctrl-C handler: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::offload_dir::OffloadDir;
 
     fn pattern(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
@@ -539,20 +472,6 @@ mod tests {
                 "{e}"
             );
         }
-    }
-
-    #[test]
-    fn offload_dir_is_removed_on_drop() {
-        let parent = tempfile::tempdir().unwrap();
-        let a = OffloadDir::create(parent.path()).unwrap();
-        let b = OffloadDir::create(&parent.path().join("nested")).unwrap();
-        std::fs::write(a.path().join("x"), b"1").unwrap();
-        let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
-        assert!(pa.is_dir() && pb.is_dir() && pa != pb);
-        drop(a);
-        assert!(!pa.exists() && pb.is_dir());
-        drop(b);
-        assert!(!pb.exists());
     }
 
     #[test]

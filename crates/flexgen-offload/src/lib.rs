@@ -11,7 +11,7 @@
 //! | [`Policy`] | FlexGen's policy: block shape, `--percent`, overlap, sep_layer, compression, ... |
 //! | [`Tier`], [`Budgets`], [`MemoryTracker`] | compute / host / disk tiers, byte budgets, current and peak bytes |
 //! | [`place_weights`], [`split_cache`] | FlexGen's per-layer midpoint rule; cache split in whole sequences |
-//! | [`DiskFile`], [`OffloadDir`] | positioned `O_DIRECT` I/O into reusable buffers; files removed on exit, error, Ctrl-C |
+//! | [`DiskFile`], [`OffloadDir`] | positioned `O_DIRECT` I/O into reusable buffers; files removed on exit, error, Ctrl-C, and after a kill by the next run in the same directory |
 //! | [`Runtime`] | weights placed once at load; the zig-zag block schedule with I/O threads |
 //!
 //! # The CPU backend
@@ -24,6 +24,7 @@ pub mod disk;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod offload_dir;
 pub mod placement;
 pub mod policy;
 pub mod schedule;
@@ -32,12 +33,13 @@ pub mod store;
 pub mod tensor;
 pub mod tier;
 
-pub use disk::{
-    default_offload_dir, install_interrupt_cleanup, DiskFile, IoStats, IoTotals, OffloadDir,
-};
+pub use disk::{DiskFile, IoStats, IoTotals};
 pub use error::{Error, Result};
 pub use flexgen_quant::CompressionConfig;
 pub use model::{BlockModel, CacheView, DynError, FileLocation, LayerSpec, Step, WeightSource};
+pub use offload_dir::{
+    default_offload_dir, install_interrupt_cleanup, remove_stale_offload_dirs, OffloadDir,
+};
 pub use placement::{place_weights, split_cache};
 pub use policy::{Policy, Split};
 pub use schedule::{check_block, BlockShape, BlockStats, OffloadOptions, Runtime};

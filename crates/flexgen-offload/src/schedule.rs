@@ -18,10 +18,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::disk::{default_offload_dir, phase_aligned, DiskFile, IoStats, IoTotals, OffloadDir};
+use crate::disk::{phase_aligned, DiskFile, IoStats, IoTotals};
 use crate::error::{Error, Result};
 use crate::io::{IoPool, Ticket};
 use crate::model::{BlockModel, CacheView, DynError, LayerSpec, Step, WeightSource};
+use crate::offload_dir::{default_offload_dir, OffloadDir};
 use crate::placement::split_cache;
 use crate::policy::Policy;
 use crate::store::{DiskTensor, Home, WeightPlan, WeightStore};

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use flexgen_core::{DType, Matrix};
 use flexgen_quant::{CompressionConfig, QuantizedTensor};
 
-use crate::disk::{phase_aligned, DiskFile, IoStats, OffloadDir};
+use crate::disk::{phase_aligned, DiskFile, IoStats};
 use crate::error::{Error, Result};
 use crate::model::{LayerSpec, WeightSource};
+use crate::offload_dir::OffloadDir;
 use crate::placement::place_weights;
 use crate::policy::Policy;
 use crate::tensor::{

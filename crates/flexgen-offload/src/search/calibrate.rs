@@ -17,7 +17,8 @@ use super::error::Result;
 use super::hardware::{
     unix_now, Fingerprint, HardwareProfile, LinearKind, RateCurve, PROFILE_VERSION,
 };
-use crate::disk::{AlignedBuf, DiskFile, IoStats, OffloadDir};
+use crate::disk::{AlignedBuf, DiskFile, IoStats};
+use crate::offload_dir::OffloadDir;
 
 /// Sizes and durations of the microbenchmarks.
 #[derive(Debug, Clone, PartialEq)]
