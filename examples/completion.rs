@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use flexgen::cli::resolve_tokenizer_dir;
+use flexgen::offload::BlockShape;
 use flexgen::opt::GenerationConfig;
 use flexgen_opt::{FinishReason, Flow, OptEngine, OptTokenizer};
 
@@ -136,12 +137,24 @@ fn main() -> Result<()> {
             tok_dir.display()
         );
     }
-    let options = args.engine.engine_options()?;
+    // Tokenize first: an offloaded run then checks its whole block (the longest prompt plus
+    // --max-new-tokens) against the memory budgets before loading any weight.
+    let tokenizer = OptTokenizer::from_dir(&tok_dir)?;
+    let ids = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<flexgen_opt::Result<Vec<_>>>()?;
+    let mut options = args.engine.engine_options()?;
     if options.policy.is_some() {
         eprintln!("note: {}", EngineFlags::describe(&options));
+        let block = options.policy.as_ref().map_or(1, |p| p.block_size());
+        options.offload.planned_block = Some(BlockShape {
+            sequences: ids.len().min(block),
+            prompt_len: ids.iter().map(Vec::len).max().unwrap_or(1).max(1),
+            gen_len: args.max_new_tokens.max(1),
+        });
     }
     let engine = OptEngine::load(&args.model, &options)?;
-    let tokenizer = OptTokenizer::from_dir(&tok_dir)?;
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature.unwrap_or(default_temperature),
@@ -151,10 +164,6 @@ fn main() -> Result<()> {
         stop_strings,
         ..GenerationConfig::default()
     };
-    let ids = prompts
-        .iter()
-        .map(|p| tokenizer.encode(p))
-        .collect::<flexgen_opt::Result<Vec<_>>>()?;
     let outs = engine.generate(&ids, &cfg, Some(&tokenizer), |_| Flow::Continue)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

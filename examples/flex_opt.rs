@@ -272,6 +272,7 @@ fn load_model(args: &Args, dtype: Option<DType>, policy: &Policy) -> Result<Offl
         direct_io: args.direct_io,
         io_threads: args.io_threads,
         planned_block: Some(BlockShape {
+            sequences: policy.block_size(),
             prompt_len: args.prompt_len,
             gen_len: args.gen_len,
         }),

@@ -47,9 +47,12 @@ pub struct OffloadOptions {
     pub planned_block: Option<BlockShape>,
 }
 
-/// The token lengths of a block: prompt tokens per sequence and tokens to generate.
+/// The size of a block: how many sequences, their prompt tokens and tokens to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockShape {
+    /// Sequences in the block (capped at `gpu_batch_size x num_gpu_batches`; a full block
+    /// when the caller does not know fewer).
+    pub sequences: usize,
     /// Prompt tokens per sequence (left-padded to the longest).
     pub prompt_len: usize,
     /// Tokens to generate per sequence (the first comes from the prefill step).
@@ -252,6 +255,7 @@ impl Runtime {
             )));
         }
         let shape = BlockShape {
+            sequences: rows.iter().sum(),
             prompt_len,
             gen_len,
         };
@@ -272,9 +276,9 @@ impl Runtime {
     }
 }
 
-/// Checks, before any weight is read, that a full block of `shape` (`gpu_batch_size` sequences
-/// in each of `num_gpu_batches` micro-batches) fits `budgets` under `policy`: weight homes,
-/// fetch buffers, KV cache homes and workspaces, activations.
+/// Checks, before any weight is read, that a block of `shape` (its sequences in micro-batches
+/// of `gpu_batch_size`, at most `num_gpu_batches` of them) fits `budgets` under `policy`:
+/// weight homes, fetch buffers, KV cache homes and workspaces, activations.
 ///
 /// # Errors
 /// A budget error naming the tier, the bytes needed and the budget;
@@ -287,7 +291,12 @@ pub fn check_block<M: BlockModel>(
 ) -> Result<()> {
     policy.validate()?;
     let plan = WeightPlan::new(model.layers(), policy);
-    let rows = vec![policy.gpu_batch_size; policy.num_gpu_batches];
+    let block = policy.gpu_batch_size * policy.num_gpu_batches;
+    let sequences = shape.sequences.clamp(1, block);
+    let rows: Vec<usize> = (0..sequences)
+        .step_by(policy.gpu_batch_size)
+        .map(|first| policy.gpu_batch_size.min(sequences - first))
+        .collect();
     check_block_bytes(model, &plan, policy, budgets, &rows, shape)
 }
 

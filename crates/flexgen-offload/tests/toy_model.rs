@@ -505,6 +505,7 @@ fn budgets_reject_before_any_work() {
     assert!(batches[0].out[0].is_empty());
     // The same check without a runtime, as a loader runs it before reading any weight.
     let shape = BlockShape {
+        sequences: 64,
         prompt_len: 8,
         gen_len: 64,
     };
@@ -517,4 +518,10 @@ fn budgets_reject_before_any_work() {
         ..policy.clone()
     };
     check_block(&toy, &one, &options.budgets, shape).unwrap();
+    // The same policy takes a block of only the sequences a caller has.
+    let few = BlockShape {
+        sequences: 1,
+        ..shape
+    };
+    check_block(&toy, &policy, &options.budgets, few).unwrap();
 }

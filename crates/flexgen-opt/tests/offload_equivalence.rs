@@ -198,6 +198,7 @@ fn bad_policies_and_requests_are_typed_errors() {
     };
     let planned = |prompt_len, gen_len| OffloadOptions {
         planned_block: Some(BlockShape {
+            sequences: 256,
             prompt_len,
             gen_len,
         }),
