@@ -584,6 +584,46 @@ mod tests {
         }
     }
 
+    /// The AVX-512 panel decoder writes exactly the transposed `write_block` values, and
+    /// zeros for the rows past the weight's end, as [`RowBlocks::write_panels`] promises.
+    #[test]
+    fn panels_are_the_transposed_block_with_zero_padding() {
+        if !row_blocks_supported() {
+            return;
+        }
+        const PW: usize = flexgen_core::kernels::PANEL_WIDTH;
+        for cfg in [
+            CompressionConfig::WEIGHT_4BIT,
+            CompressionConfig::WEIGHT_8BIT,
+        ] {
+            let (n, k) = (45, 512);
+            let w = QuantizedTensor::compress(&data(n * k, 7), &[n, k], cfg).unwrap();
+            let blocks = DecodedBlocks {
+                rows: row_view(&w).unwrap(),
+                level: SimdLevel::Avx512,
+            };
+            let (r0, rows, c0, cols) = (5, 40, 256, 256);
+            let mut block = vec![0.0; rows * cols];
+            blocks.write_block(r0, rows, c0, cols, &mut block);
+            let np = rows.div_ceil(PW);
+            let mut panels = vec![f32::NAN; np * cols * PW];
+            assert!(
+                blocks.write_panels(r0, rows, c0, cols, &mut panels),
+                "{cfg}"
+            );
+            for p in 0..np {
+                for c in 0..cols {
+                    for j in 0..PW {
+                        let r = p * PW + j;
+                        let want = if r < rows { block[r * cols + c] } else { 0.0 };
+                        let got = panels[(p * cols + c) * PW + j];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{cfg} row {r} col {c}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn embedding_rows_match_decompress() {
         for cfg in [

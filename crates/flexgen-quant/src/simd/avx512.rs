@@ -457,7 +457,7 @@ unsafe fn decode_panels(w: Rows<'_>, dst: &mut [f32]) {
                 let mut tabs = [_mm512_setzero_ps(); 16];
                 let mut steps = [_mm512_setzero_ps(); 16];
                 let mut mins = [_mm512_setzero_ps(); 16];
-                for r in 0..nr.min(16) {
+                for r in 0..nr {
                     // SAFETY: row `r0 + r < w.rows`, group `g` in bounds (asserted by caller).
                     let (st, mn) =
                         unsafe { params(w.params.as_ptr().add((r0 + r) * w.param_stride + 2 * g)) };
@@ -480,9 +480,9 @@ unsafe fn decode_panels(w: Rows<'_>, dst: &mut [f32]) {
                             v[r] = live(r, _mm512_permutexvar_ps(code(r, t), tabs[r]));
                         }
                         store(&mut v, g * gs + t);
-                        for r in 0..nr {
-                            v[r] =
-                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(code(r, t)), tabs[r]);
+                        for r in 0..16 {
+                            let hi = _mm512_srli_epi32::<4>(code(r, t));
+                            v[r] = live(r, _mm512_permutexvar_ps(hi, tabs[r]));
                         }
                         store(&mut v, g * gs + gb + t);
                         t += 16;
