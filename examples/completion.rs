@@ -145,11 +145,10 @@ fn main() -> Result<()> {
         .map(|p| tokenizer.encode(p))
         .collect::<flexgen_opt::Result<Vec<_>>>()?;
     let mut options = args.engine.engine_options()?;
-    if options.policy.is_some() {
+    if let Some(policy) = &options.policy {
         eprintln!("note: {}", EngineFlags::describe(&options));
-        let block = options.policy.as_ref().map_or(1, |p| p.block_size());
         options.offload.planned_block = Some(BlockShape {
-            sequences: ids.len().min(block),
+            sequences: ids.len().min(policy.block_size()),
             prompt_len: ids.iter().map(Vec::len).max().unwrap_or(1).max(1),
             gen_len: args.max_new_tokens.max(1),
         });

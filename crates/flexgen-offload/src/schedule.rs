@@ -41,9 +41,9 @@ pub struct OffloadOptions {
     pub io_threads: usize,
     /// Tier budgets.
     pub budgets: Budgets,
-    /// The longest block the caller will run, when known: a full block of this shape
-    /// (`gpu_batch_size x num_gpu_batches` sequences) is checked against the budgets before any
-    /// weight is read, so an impossible policy fails at once instead of after the load.
+    /// The largest block the caller will run, when known: a block of this shape is checked
+    /// against the budgets ([`check_block`]) before any weight is read, so an impossible
+    /// policy fails at once instead of after the load.
     pub planned_block: Option<BlockShape>,
 }
 
