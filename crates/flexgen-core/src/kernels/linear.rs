@@ -477,7 +477,9 @@ pub fn linear_ref(
 mod tests {
     use super::*;
     use crate::error::Error;
-    use crate::kernels::testutil::{assert_close, assert_within_bf16_rounding, vec_f32};
+    use crate::kernels::testutil::{
+        assert_close, assert_within_bf16_rounding, vec_f32, weight_pattern, x_pattern,
+    };
     use crate::simd::available_levels;
     use proptest::prelude::*;
 
@@ -580,16 +582,12 @@ mod tests {
     #[test]
     fn large_shapes_all_paths() {
         let (n, k) = (1100, 1001);
-        let wdata: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32) * 1e-3 - 0.5)
-            .collect();
+        let wdata = weight_pattern(n * k);
         let bias: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
         for dt in [DType::F32, DType::F16, DType::BF16] {
             let w = Matrix::from_f32(n, k, wdata.clone()).unwrap().to_dtype(dt);
             for m in [1, 3, 9] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 31 % 97) as f32) * 0.02 - 1.0)
-                    .collect();
+                let x = x_pattern(m * k);
                 let mut want = vec![0.0; m * n];
                 linear_ref(&x, m, &w, Some(&bias), &mut want).unwrap();
                 for path in PATHS {
@@ -612,12 +610,8 @@ mod tests {
     #[test]
     fn many_rows_all_levels() {
         let (m, n, k) = (300, 13, 1001);
-        let wdata: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32) * 1e-3 - 0.5)
-            .collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 31 % 97) as f32) * 0.02 - 1.0)
-            .collect();
+        let wdata = weight_pattern(n * k);
+        let x = x_pattern(m * k);
         for dt in [DType::F32, DType::F16, DType::BF16] {
             let w = Matrix::from_f32(n, k, wdata.clone()).unwrap().to_dtype(dt);
             let mut want = vec![0.0; m * n];

@@ -66,6 +66,20 @@ impl SharedOut {
 pub(crate) mod testutil {
     use proptest::prelude::*;
 
+    /// `len` deterministic weights in [-0.5, 0.5), spread without a short period.
+    pub(crate) fn weight_pattern(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32) * 1e-3 - 0.5)
+            .collect()
+    }
+
+    /// `len` deterministic activations in [-1, 0.94].
+    pub(crate) fn x_pattern(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 31 % 97) as f32) * 0.02 - 1.0)
+            .collect()
+    }
+
     /// `len` uniform values in [-2, 2).
     pub(crate) fn vec_f32(len: usize) -> impl Strategy<Value = Vec<f32>> {
         proptest::collection::vec(-2.0f32..2.0, len)

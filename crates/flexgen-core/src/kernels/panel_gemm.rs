@@ -510,7 +510,9 @@ unsafe fn tile(
 mod tests {
     use super::*;
     use crate::kernels::linear::linear_ref;
-    use crate::kernels::testutil::{assert_close, assert_within_bf16_rounding, vec_f32};
+    use crate::kernels::testutil::{
+        assert_close, assert_within_bf16_rounding, vec_f32, weight_pattern, x_pattern,
+    };
     use proptest::prelude::*;
 
     /// Runs every available micro-kernel on `w` and checks it against the reference.
@@ -565,12 +567,8 @@ mod tests {
             (30, 513, 257),
             (200, 70, 40),
         ] {
-            let wd: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919 % 1000) as f32) * 1e-3 - 0.5)
-                .collect();
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 31 % 97) as f32) * 0.02 - 1.0)
-                .collect();
+            let wd = weight_pattern(n * k);
+            let x = x_pattern(m * k);
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let w = Matrix::from_f32(n, k, wd.clone()).unwrap().to_dtype(dt);

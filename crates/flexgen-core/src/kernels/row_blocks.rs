@@ -88,7 +88,7 @@ pub fn linear_row_blocks(
 mod tests {
     use super::*;
     use crate::kernels::linear::linear_ref;
-    use crate::kernels::testutil::{assert_close, vec_f32};
+    use crate::kernels::testutil::{assert_close, vec_f32, weight_pattern, x_pattern};
     use crate::Matrix;
     use proptest::prelude::*;
 
@@ -176,12 +176,8 @@ mod tests {
     #[test]
     fn block_and_tail_shapes() {
         for &(m, k, n) in &[(25, 1001, 300), (16, 512, 64), (13, 37, 45), (1, 1, 1)] {
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919 % 1000) as f32) * 1e-3 - 0.5)
-                .collect();
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 31 % 97) as f32) * 0.02 - 1.0)
-                .collect();
+            let w = weight_pattern(n * k);
+            let x = x_pattern(m * k);
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
             check(m, n, k, &x, &w, Some(&bias));
             check(m, n, k, &x, &w, None);
