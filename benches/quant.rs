@@ -10,8 +10,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use flexgen::core::kernels::{self, AttentionShape};
 use flexgen::core::{DType, Matrix};
 use flexgen::quant::{
-    attention_packed, linear_packed, linear_packed_path, CompressionConfig, PackedKvCache,
-    PackedPath, QuantizedTensor, BLOCKS_MIN_M, FUSED_MAX_M,
+    attention_packed, fixed_point_supported, linear_packed, linear_packed_path, CompressionConfig,
+    PackedKvCache, PackedPath, QuantizedTensor, BLOCKS_MIN_M, FUSED_MAX_M,
 };
 
 fn shapes() -> Vec<(&'static str, usize, usize)> {
@@ -79,9 +79,11 @@ fn bench_linear(c: &mut Criterion) {
                     |b, &m| b.iter(|| linear_packed(&x, m, q, None, &mut y).unwrap()),
                 );
             }
-            if (BLOCKS_MIN_M..=FUSED_MAX_M).contains(&m) {
-                // The fused kernel where the default is the block path: the crossover.
-                let level = flexgen::core::simd_level();
+            let level = flexgen::core::simd_level();
+            // The float kernel where the default is the fixed-point one (AVX-512 VNNI, below
+            // the block path) or the block path (the crossover).
+            let fixed_default = m < BLOCKS_MIN_M && fixed_point_supported(level, &q4);
+            if fixed_default || (BLOCKS_MIN_M..=FUSED_MAX_M).contains(&m) {
                 group.bench_with_input(
                     BenchmarkId::new(format!("{name}/q4-fused"), m),
                     &m,

@@ -1,5 +1,5 @@
 //! The 4-bit linear layer's algorithms side by side, in one process: the fused kernel, the
-//! block path (decoded blocks through the packed-panel GEMM) and, for reference, prepacked
+//! fixed-point kernel (AVX-512 VNNI; the fused kernel where the CPU lacks it), the block path (decoded blocks through the packed-panel GEMM) and, for reference, prepacked
 //! bf16 weights (what the model uses), best of `--reps` calls each, interleaved so that a
 //! slow phase of a shared machine hits all three alike.
 //!
@@ -42,18 +42,21 @@ fn main() -> Result<()> {
     let q4 = QuantizedTensor::from_matrix(&dense, CompressionConfig::WEIGHT_4BIT)?;
     let bf16 = dense.to_dtype(DType::BF16).prepack();
     let level = simd_level();
-    println!("| n x k | m | fused q4 | block path q4 | bf16 prepacked |");
-    println!("|---|---|---|---|---|");
+    println!("| n x k | m | fused q4 | fixed-point q4 | block path q4 | bf16 prepacked |");
+    println!("|---|---|---|---|---|---|");
     for &m in &args.rows {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 97) as f32 * 1e-2).collect();
         let mut y = vec![0f32; m * n];
-        let mut best = [f64::MAX; 3];
+        let mut best = [f64::MAX; 4];
         for _ in 0..args.reps {
             for (which, slot) in best.iter_mut().enumerate() {
                 let t = Instant::now();
                 match which {
                     0 => linear_packed_path(level, PackedPath::Fused, &x, m, &q4, None, &mut y)?,
-                    1 => linear_packed_path(level, PackedPath::Blocks, &x, m, &q4, None, &mut y)?,
+                    1 => {
+                        linear_packed_path(level, PackedPath::FixedPoint, &x, m, &q4, None, &mut y)?
+                    }
+                    2 => linear_packed_path(level, PackedPath::Blocks, &x, m, &q4, None, &mut y)?,
                     _ => kernels::linear_prepacked(&x, m, &bf16, None, &mut y)?,
                 }
                 *slot = slot.min(t.elapsed().as_secs_f64());
@@ -61,10 +64,11 @@ fn main() -> Result<()> {
         }
         let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
         println!(
-            "| {n} x {k} | {m} | {:.1} | {:.1} | {:.1} |",
+            "| {n} x {k} | {m} | {:.1} | {:.1} | {:.1} | {:.1} |",
             gflops(best[0]),
             gflops(best[1]),
-            gflops(best[2])
+            gflops(best[2]),
+            gflops(best[3])
         );
     }
     println!("(GFLOP/s, best of {} calls each, {level})", args.reps);

@@ -5,7 +5,7 @@
 //! |------|---------|
 //! | [`CompressionConfig`] | bits (1/2/4/8), group size, group dimension, symmetric or min/max |
 //! | [`QuantizedTensor`] | packed codes + per-group `(step, min)` in `f16`, any rank and group dim |
-//! | [`linear_packed`] | `y = x · Wᵀ + b` from a packed weight, no dequantized copy (fused SIMD kernels up to 23 rows of `x`; from 24 rows flexgen-core's GEMM on 256 x 256 blocks decoded on demand) |
+//! | [`linear_packed`] | `y = x · Wᵀ + b` from a packed weight, no dequantized copy (fused SIMD kernels up to 23 rows of `x`, with `x` in 16-bit fixed point on AVX-512 VNNI; from 24 rows flexgen-core's GEMM on 256 x 256 blocks decoded on demand) |
 //! | [`embedding_packed`] | rows of a packed table (token embeddings) |
 //! | [`PackedKvCache`], [`attention_packed`] | KV cache compressed along `head_dim`, attention that reads it directly |
 //!
@@ -36,8 +36,9 @@
 //!   Halving the group to 32 values (0.080) matters far more than the grouping direction.
 //! - Speed: with groups along the input, each group's 16 possible values form one register
 //!   table, a row's codes and parameters are contiguous, and the dequantized weights are exactly
-//!   the reference decoder's, so the fused kernel is a table lookup plus an FMA per value
-//!   (4-bit m = 1 runs at 4.4x the `f32` GEMV on the OPT-1.3B fc1 shape, `BENCHMARKS.md`).
+//!   the reference decoder's, so the fused kernel is a table lookup plus an FMA per value;
+//!   and a group's codes multiply a group of `x` as integers with one scale, which the
+//!   fixed-point kernel (AVX-512 VNNI, `vpdpbusd` on 128 codes at once) uses at small `m`.
 //!   With groups along the output every SIMD lane needs its own `(step, min)`, and the
 //!   embedding lookup and the KV cache (grouped along `head_dim`, the reduction dimension of
 //!   `q · k`) would need a second kernel family. We did not write or time a fused kernel for
@@ -75,7 +76,8 @@ pub use config::CompressionConfig;
 pub use error::{Error, Result};
 pub use kv::{attention_packed, attention_packed_ref, attention_packed_with_level, PackedKvCache};
 pub use linear::{
-    blocks_supported, embedding_packed, linear_packed, linear_packed_path, linear_packed_ref,
-    linear_packed_with_level, PackedPath, BLOCKS_MIN_M, FUSED_MAX_M,
+    blocks_supported, embedding_packed, fixed_point_enabled, fixed_point_supported, linear_packed,
+    linear_packed_path, linear_packed_ref, linear_packed_with_level, set_fixed_point_enabled,
+    PackedPath, BLOCKS_MIN_M, FUSED_MAX_M,
 };
 pub use tensor::QuantizedTensor;
