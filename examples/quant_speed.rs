@@ -9,6 +9,10 @@
 //! grown by building the model is its measured weight memory; then a prefill of
 //! `--prompt-len` tokens per row and `--steps` timed decode steps (one token per row each, the
 //! median step reported) per batch size.
+//!
+//! With `--interleave` all formats are built first (their memory together) and the timed
+//! steps alternate between them, one step each in turn, so that a slow phase of a shared
+//! machine slows every format alike; the ratios between formats are then the figure to read.
 
 use std::time::Instant;
 
@@ -37,6 +41,9 @@ struct Args {
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 6)]
     steps: usize,
+    /// Keep every format's model and alternate their decode steps (see the module docs).
+    #[arg(long)]
+    interleave: bool,
 }
 
 /// Resident set size of this process in bytes.
@@ -73,47 +80,97 @@ fn build(cfg: &OptConfig, format: &str) -> Result<OptModel> {
     })
 }
 
-/// Median seconds per decode step at `batch` rows.
-fn decode_step_seconds(
-    model: &OptModel,
-    batch: usize,
-    prompt_len: usize,
-    steps: usize,
-) -> Result<f64> {
-    let cfg = model.config();
-    let mut state = BatchState::new(cfg, batch, prompt_len + steps + 1);
-    let tokens: Vec<u32> = (0..batch * prompt_len)
-        .map(|i| 100 + (i as u32 * 7919) % 40000)
-        .collect();
-    let mut logits = Vec::new();
-    model.forward(
-        &mut state,
-        &tokens,
-        &vec![true; tokens.len()],
-        prompt_len,
-        LogitsFor::Last,
-        &mut logits,
-    )?;
-    let mut next: Vec<u32> = (0..batch).map(|b| 200 + b as u32).collect();
-    let mut times = Vec::with_capacity(steps);
-    for _ in 0..steps {
-        let t = Instant::now();
+/// One batch being decoded by one model: its cache, next tokens and logits.
+struct Decoder {
+    state: BatchState,
+    next: Vec<u32>,
+    logits: Vec<f32>,
+    times: Vec<f64>,
+}
+
+impl Decoder {
+    /// Prefills `batch` rows of `prompt_len` tokens, room for `steps` more.
+    fn new(model: &OptModel, batch: usize, prompt_len: usize, steps: usize) -> Result<Decoder> {
+        let mut state = BatchState::new(model.config(), batch, prompt_len + steps + 1);
+        let tokens: Vec<u32> = (0..batch * prompt_len)
+            .map(|i| 100 + (i as u32 * 7919) % 40000)
+            .collect();
+        let mut logits = Vec::new();
         model.forward(
             &mut state,
-            &next,
-            &vec![true; batch],
-            1,
+            &tokens,
+            &vec![true; tokens.len()],
+            prompt_len,
             LogitsFor::Last,
             &mut logits,
         )?;
-        times.push(t.elapsed().as_secs_f64());
-        for (b, n) in next.iter_mut().enumerate() {
-            let row = &logits[b * cfg.vocab_size..(b + 1) * cfg.vocab_size];
+        Ok(Decoder {
+            state,
+            next: (0..batch).map(|b| 200 + b as u32).collect(),
+            logits,
+            times: Vec::with_capacity(steps),
+        })
+    }
+
+    /// Times one decode step (one token per row) and picks the next tokens greedily.
+    fn step(&mut self, model: &OptModel) -> Result<()> {
+        let batch = self.next.len();
+        let t = Instant::now();
+        model.forward(
+            &mut self.state,
+            &self.next,
+            &vec![true; batch],
+            1,
+            LogitsFor::Last,
+            &mut self.logits,
+        )?;
+        self.times.push(t.elapsed().as_secs_f64());
+        let vocab = model.config().vocab_size;
+        for (b, n) in self.next.iter_mut().enumerate() {
+            let row = &self.logits[b * vocab..(b + 1) * vocab];
             *n = flexgen_core::kernels::argmax(row).unwrap_or(0) as u32;
         }
+        Ok(())
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+
+    /// Median seconds of the timed steps.
+    fn median(&self) -> f64 {
+        let mut t = self.times.clone();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    }
+}
+
+/// Median seconds per decode step of each model at `batch` rows; the models' steps alternate.
+fn interleaved_step_seconds(
+    models: &[&OptModel],
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let mut decoders = models
+        .iter()
+        .map(|m| Decoder::new(m, batch, prompt_len, steps))
+        .collect::<Result<Vec<_>>>()?;
+    for _ in 0..steps {
+        for (d, m) in decoders.iter_mut().zip(models) {
+            d.step(m)?;
+        }
+    }
+    Ok(decoders.iter().map(Decoder::median).collect())
+}
+
+/// One table row: format, measured memory, model bytes, then `ms/step | tok/s` per batch.
+fn print_row(format: &str, resident: usize, model: &OptModel, seconds: &[(usize, f64)]) {
+    let cols: Vec<String> = seconds
+        .iter()
+        .map(|&(b, s)| format!("{:.1} | {:.1}", s * 1e3, b as f64 / s))
+        .collect();
+    println!(
+        "| {format} | {resident} | {} | {} |",
+        model.weights().nbytes(),
+        cols.join(" | ")
+    );
 }
 
 fn main() -> Result<()> {
@@ -135,20 +192,39 @@ fn main() -> Result<()> {
             .join(" | ")
     );
     println!("|---|---|---|{}", "---|---|".repeat(args.batch.len()));
+    if args.interleave {
+        let mut built = Vec::new();
+        for format in &args.formats {
+            let before = rss_bytes()?;
+            let model = build(&cfg, format)?;
+            built.push((format, rss_bytes()?.saturating_sub(before), model));
+        }
+        let models: Vec<&OptModel> = built.iter().map(|(_, _, m)| m).collect();
+        let mut per_format = vec![Vec::new(); built.len()];
+        for &b in &args.batch {
+            let secs = interleaved_step_seconds(&models, b, args.prompt_len, args.steps)?;
+            for (cols, s) in per_format.iter_mut().zip(secs) {
+                cols.push((b, s));
+            }
+        }
+        for ((format, resident, model), cols) in built.iter().zip(&per_format) {
+            print_row(format, *resident, model, cols);
+        }
+        return Ok(());
+    }
     for format in &args.formats {
         let before = rss_bytes()?;
         let model = build(&cfg, format)?;
         let resident = rss_bytes()?.saturating_sub(before);
         let mut cols = Vec::new();
         for &b in &args.batch {
-            let s = decode_step_seconds(&model, b, args.prompt_len, args.steps)?;
-            cols.push(format!("{:.1} | {:.1}", s * 1e3, b as f64 / s));
+            let mut d = Decoder::new(&model, b, args.prompt_len, args.steps)?;
+            for _ in 0..args.steps {
+                d.step(&model)?;
+            }
+            cols.push((b, d.median()));
         }
-        println!(
-            "| {format} | {resident} | {} | {} |",
-            model.weights().nbytes(),
-            cols.join(" | ")
-        );
+        print_row(format, resident, &model, &cols);
         drop(model);
     }
     Ok(())
