@@ -292,8 +292,8 @@ unsafe fn tile<const R: usize, const M: usize>(
     };
     for c in 0..chunks {
         let o = c * CHUNK;
-        let (ga, gb2) = (next_half(), next_half());
-        let first = ga / PARAM_RUN * PARAM_RUN;
+        let (group_a, group_b) = (next_half(), next_half());
+        let first = group_a / PARAM_RUN * PARAM_RUN;
         if first != run_start {
             run_start = first;
             let count = (groups - first).min(PARAM_RUN);
@@ -331,8 +331,10 @@ unsafe fn tile<const R: usize, const M: usize>(
         // second half past the row's end has zero codes, so its scale does not matter).
         let idx = _mm512_mask_blend_epi32(
             0xFF00,
-            _mm512_set1_epi32((2 * (ga - first)) as i32),
-            _mm512_set1_epi32((2 * (gb2.min(groups - 1) - first).min(2 * PARAM_RUN - 1)) as i32),
+            _mm512_set1_epi32((2 * (group_a - first)) as i32),
+            _mm512_set1_epi32(
+                (2 * (group_b.min(groups - 1) - first).min(2 * PARAM_RUN - 1)) as i32,
+            ),
         );
         // The last chunk of a row may be half a chunk: zero the bytes past the row's end.
         let load_mask: __mmask64 = if o + CHUNK <= row_bytes {
