@@ -266,8 +266,8 @@ pub(crate) fn row_view(w: &QuantizedTensor) -> Option<Rows<'_>> {
     })
 }
 
-/// Fixed-point path: shapes valid, `m, n, k > 0`, `fixed_point_supported`.
-#[cfg(target_arch = "x86_64")]
+/// Fixed-point path: shapes valid, `m, n, k > 0`, `fixed_point_supported` (so never reached
+/// off x86-64, where it is the fused path).
 fn fixed_point(
     level: SimdLevel,
     w: Rows<'_>,
@@ -276,30 +276,23 @@ fn fixed_point(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    use crate::simd::avx512_fixed::{gemv, FixedX};
-    let Some(xq) = FixedX::quantize(x, m, w.cols, w.gs) else {
-        return fused(level, w, x, m, bias, out);
-    };
-    w.assert_in_bounds();
-    with_transposed_out(m, w.rows, out, |out_t| {
-        kernels::par_output_rows(out_t, w.cols, m, bias, |r0, ot| {
-            // SAFETY: `fixed_point_supported` checked AVX-512 + VNNI and the format; the
-            // rows lie inside the slices (asserted above).
-            unsafe { gemv(w.sub(r0, ot.len() / m), &xq, m, ot) };
+    #[cfg(not(target_arch = "x86_64"))]
+    return fused(level, w, x, m, bias, out);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::simd::avx512_fixed::{gemv, FixedX};
+        let Some(xq) = FixedX::quantize(x, m, w.cols, w.gs) else {
+            return fused(level, w, x, m, bias, out);
+        };
+        w.assert_in_bounds();
+        with_transposed_out(m, w.rows, out, |out_t| {
+            kernels::par_output_rows(out_t, w.cols, m, bias, |r0, ot| {
+                // SAFETY: `fixed_point_supported` checked AVX-512 + VNNI and the format; the
+                // rows lie inside the slices (asserted above).
+                unsafe { gemv(w.sub(r0, ot.len() / m), &xq, m, ot) };
+            });
         });
-    });
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn fixed_point(
-    level: SimdLevel,
-    w: Rows<'_>,
-    x: &[f32],
-    m: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    fused(level, w, x, m, bias, out)
+    }
 }
 
 /// Runs `run` on the transposed output (`n x m`) and writes it into `out` (`m x n`); for
