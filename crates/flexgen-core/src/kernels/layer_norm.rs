@@ -208,10 +208,29 @@ mod tests {
             let beta = (affine & 2 == 2).then_some(&b[..]);
             let mut want = vec![0.0; x.len()];
             layer_norm_ref(&x, dim, gamma, beta, 1e-5, &mut want).unwrap();
+            // A row whose spread is tiny next to its offset is ill-conditioned: summing it in
+            // another order moves `x - mean` by ~sqrt(dim) ulps of |x| (rounding errors add
+            // up like a random walk), which the output scales by 1/std. Both sides are f32, so
+            // the tolerance grows with that condition (found by proptest: dim 3, offset -70).
+            let g_max = gamma.map_or(1.0, |g| g.iter().fold(1f32, |a, v| a.max(v.abs())));
+            let conditioning = x
+                .chunks_exact(dim)
+                .map(|r| {
+                    let mean = r.iter().sum::<f32>() / dim as f32;
+                    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                    let max = r.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    4.0 * (dim as f32).sqrt() * max * f32::EPSILON / (var + 1e-5).sqrt() * g_max
+                })
+                .fold(0f32, f32::max);
             for level in available_levels() {
                 let mut got = vec![0.0; x.len()];
                 layer_norm_with_level(level, &x, dim, gamma, beta, 1e-5, &mut got).unwrap();
-                assert_close(&got, &want, 1e-4, &format!("{level} dim {dim} rows {rows}"));
+                assert_close(
+                    &got,
+                    &want,
+                    1e-4 + conditioning,
+                    &format!("{level} dim {dim} rows {rows}"),
+                );
             }
         }
     }
