@@ -281,17 +281,25 @@ fn fixed_point(
     #[cfg(target_arch = "x86_64")]
     {
         use crate::simd::avx512_fixed::{gemv, FixedX};
-        let Some(xq) = FixedX::quantize(x, m, w.cols, w.gs) else {
-            return fused(level, w, x, m, bias, out);
-        };
-        w.assert_in_bounds();
-        with_transposed_out(m, w.rows, out, |out_t| {
-            kernels::par_output_rows(out_t, w.cols, m, bias, |r0, ot| {
-                // SAFETY: `fixed_point_supported` checked AVX-512 + VNNI and the format; the
-                // rows lie inside the slices (asserted above).
-                unsafe { gemv(w.sub(r0, ot.len() / m), &xq, m, ot) };
+        // This thread's rounded `x`, reused across calls (a fresh one if it is in use, as
+        // when rayon runs another layer's call on this thread inside the parallel loop).
+        FIXED_X.with(|cell| {
+            let mut fresh = FixedX::new();
+            let mut guard = cell.try_borrow_mut().ok();
+            let xq = guard.as_deref_mut().unwrap_or(&mut fresh);
+            if !xq.requantize(x, m, w.cols, w.gs) {
+                return fused(level, w, x, m, bias, out);
+            }
+            let xq = &*xq;
+            w.assert_in_bounds();
+            with_transposed_out(m, w.rows, out, |out_t| {
+                kernels::par_output_rows(out_t, w.cols, m, bias, |r0, ot| {
+                    // SAFETY: `fixed_point_supported` checked AVX-512 + VNNI and the format;
+                    // the rows lie inside the slices (asserted above).
+                    unsafe { gemv(w.sub(r0, ot.len() / m), xq, m, ot) };
+                });
             });
-        });
+        })
     }
 }
 
@@ -483,6 +491,10 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-thread dequantized panel of W for the panel path, reused across calls.
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread `x` rounded to fixed point for the fixed-point path, reused across calls.
+    #[cfg(target_arch = "x86_64")]
+    static FIXED_X: RefCell<crate::simd::avx512_fixed::FixedX> =
+        const { RefCell::new(crate::simd::avx512_fixed::FixedX::new()) };
 }
 
 /// Runs `f` with a scratch slice of `len` floats (fresh if this thread's is in use).

@@ -32,7 +32,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{padded_tails, Rows};
+use super::Rows;
 
 /// Rows of `W` per tile.
 const ROWS: usize = 4;
@@ -59,7 +59,7 @@ pub(crate) fn supports(w: &Rows<'_>) -> bool {
 }
 
 /// `m` rows of `x` in 16-bit fixed point, laid out for the codes (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct FixedX {
     /// `m` rows of `chunks * X_CHUNK` bytes.
     parts: Vec<i8>,
@@ -68,6 +68,8 @@ pub(crate) struct FixedX {
     scales: Vec<f32>,
     /// Per row and group: `[8 · Σ (x − x̂), 0]`, laid out as `scales`.
     residuals: Vec<f32>,
+    /// A row's last group zero-padded to `gs` values (when `gs` does not divide the row).
+    tail: Vec<f32>,
     /// Bytes per row of `parts`.
     stride: usize,
     /// `f32` per row of `scales`.
@@ -75,44 +77,78 @@ pub(crate) struct FixedX {
 }
 
 impl FixedX {
+    /// An empty value whose buffers [`FixedX::requantize`] grows (no allocation here).
+    pub(crate) const fn new() -> FixedX {
+        FixedX {
+            parts: Vec::new(),
+            scales: Vec::new(),
+            residuals: Vec::new(),
+            tail: Vec::new(),
+            stride: 0,
+            scale_stride: 0,
+        }
+    }
+
     /// Rounds `m` rows of `cols` values (`x.len() >= m * cols`) in groups of `gs` (a multiple
     /// of 64); `None` when a value is not finite (the float kernel then propagates it).
     ///
     /// # Panics
     /// If `gs` is not a positive multiple of 64 or `x` is shorter than `m * cols`.
+    #[cfg(test)]
     pub(crate) fn quantize(x: &[f32], m: usize, cols: usize, gs: usize) -> Option<FixedX> {
+        let mut fx = FixedX::new();
+        fx.requantize(x, m, cols, gs).then_some(fx)
+    }
+
+    /// Like [`FixedX::quantize`], into this value's buffers: once they have grown to a
+    /// shape, later calls of that shape or smaller allocate nothing (the decode loop calls
+    /// this for every layer and step). `false` when a value is not finite; the contents are
+    /// then unspecified.
+    ///
+    /// # Panics
+    /// As [`FixedX::quantize`].
+    pub(crate) fn requantize(&mut self, x: &[f32], m: usize, cols: usize, gs: usize) -> bool {
         assert!(gs > 0 && gs.is_multiple_of(64) && x.len() >= m * cols);
         let groups = cols.div_ceil(gs);
         let chunks = (groups * gs / 2).div_ceil(CHUNK);
-        let stride = chunks * X_CHUNK;
-        let scale_stride = (2 * groups).next_multiple_of(2 * PARAM_RUN);
-        let mut fx = FixedX {
-            parts: vec![0; m * stride],
-            scales: vec![0.0; m * scale_stride],
-            residuals: vec![0.0; m * scale_stride],
-            stride,
-            scale_stride,
-        };
-        let tails = padded_tails(x, m, cols, gs);
+        self.stride = chunks * X_CHUNK;
+        self.scale_stride = (2 * groups).next_multiple_of(2 * PARAM_RUN);
+        let (stride, scale_stride) = (self.stride, self.scale_stride);
+        // Cleared and refilled with zeros: the padding past the last group must read 0.
+        for v in [&mut self.scales, &mut self.residuals] {
+            v.clear();
+            v.resize(m * scale_stride, 0.0);
+        }
+        self.parts.clear();
+        self.parts.resize(m * stride, 0);
+        let rem = cols % gs;
         for i in 0..m {
             let row = &x[i * cols..(i + 1) * cols];
-            let parts = &mut fx.parts[i * stride..(i + 1) * stride];
+            if rem != 0 {
+                // The last, partial group, zero-padded to `gs` values.
+                self.tail.clear();
+                self.tail.extend_from_slice(&row[cols - rem..]);
+                self.tail.resize(gs, 0.0);
+            }
+            let parts = &mut self.parts[i * stride..(i + 1) * stride];
             for g in 0..groups {
                 let vals = if (g + 1) * gs <= cols {
                     &row[g * gs..(g + 1) * gs]
                 } else {
-                    &tails[i * gs..(i + 1) * gs]
+                    &self.tail[..]
                 };
-                // SAFETY: `quantize` is only reached on CPUs that passed `available`; the
+                // SAFETY: `requantize` is only reached on CPUs that passed `available`; the
                 // group's bytes lie inside the row (its chunks cover `groups * gs / 2`
                 // code bytes).
-                let (s, sum, residual) = unsafe { quantize_group(vals, g, parts) }?;
-                fx.scales[i * scale_stride + 2 * g] = s;
-                fx.scales[i * scale_stride + 2 * g + 1] = sum;
-                fx.residuals[i * scale_stride + 2 * g] = CODE_CENTER * residual;
+                let Some((s, sum, residual)) = (unsafe { quantize_group(vals, g, parts) }) else {
+                    return false;
+                };
+                self.scales[i * scale_stride + 2 * g] = s;
+                self.scales[i * scale_stride + 2 * g + 1] = sum;
+                self.residuals[i * scale_stride + 2 * g] = CODE_CENTER * residual;
             }
         }
-        Some(fx)
+        true
     }
 }
 
@@ -379,6 +415,52 @@ unsafe fn tile<const R: usize, const M: usize>(
         for i in 0..M {
             // SAFETY: `r < R`, `i < M`: covered by the caller's contract.
             unsafe { *out.add(r * m + i) = _mm512_reduce_add_ps(acc[r][i]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 37 + seed * 101) % 211) as f32 * 0.013 - 1.3)
+            .collect()
+    }
+
+    /// The value a reused `FixedX` holds after `requantize`, minus the scratch tail.
+    fn rounded(fx: &FixedX) -> FixedX {
+        FixedX {
+            tail: Vec::new(),
+            ..fx.clone()
+        }
+    }
+
+    #[test]
+    fn requantize_after_other_shapes_equals_a_fresh_quantize() {
+        if !available() {
+            return;
+        }
+        let mut reused = FixedX::new();
+        // Larger first (buffers hold stale values), then smaller with a ragged tail, then a
+        // failure on a non-finite value, then the first shape again.
+        let shapes = [(5, 640, 128), (2, 200, 64), (3, 256, 64), (5, 640, 128)];
+        for (n, &(m, cols, gs)) in shapes.iter().enumerate() {
+            let x = pattern(m * cols, n);
+            assert!(reused.requantize(&x, m, cols, gs));
+            let fresh = FixedX::quantize(&x, m, cols, gs).expect("finite x");
+            assert_eq!(
+                rounded(&reused),
+                rounded(&fresh),
+                "shape {m} x {cols}, gs {gs}"
+            );
+            let mut bad = x.clone();
+            bad[cols + 3] = f32::NAN;
+            if m > 1 {
+                assert!(!reused.requantize(&bad, m, cols, gs));
+                assert!(FixedX::quantize(&bad, m, cols, gs).is_none());
+            }
         }
     }
 }
