@@ -6,9 +6,10 @@
 //!   the output rows.
 //! - Fixed-point path (AVX-512 VNNI, `m < BLOCKS_MIN_M`, 4-bit groups of a multiple of 64
 //!   along the rows): like the fused path, but each group of `x` is rounded to `i16` with its
-//!   own scale and the codes are multiplied as integers (`vpdpwssd`); differs from
-//!   dequantize-then-linear by at most the effect of that rounding (2^-16 of the group's
-//!   largest `|x|` per value; see `simd::avx512_fixed`). About 1.5x the fused path at `m = 1`.
+//!   own scale and the codes are multiplied as integers (`vpdpbusd` on the two bytes of each
+//!   16-bit value); differs from dequantize-then-linear by at most the effect of that rounding
+//!   (2^-16 of the group's largest `|x|` per value; see `simd::avx512_fixed`). About 1.5x the
+//!   fused path at `m = 1`.
 //! - Block path (AVX-512, `m >= BLOCKS_MIN_M`, `group_dim = 1`, groups that divide
 //!   [`ROW_BLOCK_COLS`]): flexgen-core's packed-panel GEMM asks for one block of `f32`
 //!   weights at a time ([`RowBlocks`]: 256 outputs x 256 inputs, in L2), which the SIMD
