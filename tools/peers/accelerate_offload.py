@@ -27,10 +27,13 @@ SIZES = {  # name: (layers, heads, hidden, ffn)
 
 
 def build_checkpoint(work: Path, size: str) -> Path:
-    """A random OPT checkpoint in f16 safetensors, built directly in f16 (an f32 OPT-6.7B would
-    not fit in RAM) and saved in shards."""
+    """A random OPT checkpoint in f16 safetensors, written one shard per decoder layer (plus one
+    for the embeddings), so that no more than one layer is in RAM: OPT-13B in f16 (26 GB) does
+    not fit in this machine's 24 GiB, nor under a 10 GiB cap. Weights are N(0, init_std) as
+    in HF's `OPTPreTrainedModel._init_weights`, biases 0, layer norms 1 and 0."""
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
+    from safetensors.torch import save_file
+    from transformers import OPTConfig
 
     out = work / f"opt-{size}-random"
     if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
@@ -41,11 +44,55 @@ def build_checkpoint(work: Path, size: str) -> Path:
                     num_attention_heads=heads, word_embed_proj_dim=hidden,
                     max_position_embeddings=2048, vocab_size=50272, do_layer_norm_before=True,
                     torch_dtype="float16")
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.float16)
-    model = OPTForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.save_pretrained(out, max_shard_size="2GB")
+    gen = torch.Generator().manual_seed(0)
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=gen) * cfg.init_std).to(torch.float16)
+
+    def zeros(n):
+        return torch.zeros(n, dtype=torch.float16)
+
+    def ones(n):
+        return torch.ones(n, dtype=torch.float16)
+
+    shards = []
+    pre = "model.decoder."
+    shards.append({
+        pre + "embed_tokens.weight": normal(cfg.vocab_size, hidden),
+        pre + "embed_positions.weight": normal(cfg.max_position_embeddings + 2, hidden),
+        pre + "final_layer_norm.weight": ones(hidden),
+        pre + "final_layer_norm.bias": zeros(hidden),
+    })
+    weight_map = {}
+    total = 0
+    n_shards = layers + 1
+    for i in range(n_shards):
+        if i > 0:
+            lp = f"{pre}layers.{i - 1}."
+            t = {}
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                t[f"{lp}self_attn.{proj}.weight"] = normal(hidden, hidden)
+                t[f"{lp}self_attn.{proj}.bias"] = zeros(hidden)
+            t[lp + "self_attn_layer_norm.weight"] = ones(hidden)
+            t[lp + "self_attn_layer_norm.bias"] = zeros(hidden)
+            t[lp + "fc1.weight"] = normal(ffn, hidden)
+            t[lp + "fc1.bias"] = zeros(ffn)
+            t[lp + "fc2.weight"] = normal(hidden, ffn)
+            t[lp + "fc2.bias"] = zeros(hidden)
+            t[lp + "final_layer_norm.weight"] = ones(hidden)
+            t[lp + "final_layer_norm.bias"] = zeros(hidden)
+        else:
+            t = shards[0]
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(t, str(out / name), metadata={"format": "pt"})
+        for k, v in t.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+        del t
+    shards.clear()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg.save_pretrained(out)
     return out
 
 
