@@ -55,41 +55,42 @@ def build_checkpoint(work: Path, size: str) -> Path:
     def ones(n):
         return torch.ones(n, dtype=torch.float16)
 
-    shards = []
     pre = "model.decoder."
-    shards.append({
-        pre + "embed_tokens.weight": normal(cfg.vocab_size, hidden),
-        pre + "embed_positions.weight": normal(cfg.max_position_embeddings + 2, hidden),
-        pre + "final_layer_norm.weight": ones(hidden),
-        pre + "final_layer_norm.bias": zeros(hidden),
-    })
+
+    def shard(i):
+        """Shard 0: embeddings and the final layer norm; shard i > 0: decoder layer i - 1."""
+        if i == 0:
+            return {
+                pre + "embed_tokens.weight": normal(cfg.vocab_size, hidden),
+                pre + "embed_positions.weight": normal(cfg.max_position_embeddings + 2, hidden),
+                pre + "final_layer_norm.weight": ones(hidden),
+                pre + "final_layer_norm.bias": zeros(hidden),
+            }
+        lp = f"{pre}layers.{i - 1}."
+        t = {}
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            t[f"{lp}self_attn.{proj}.weight"] = normal(hidden, hidden)
+            t[f"{lp}self_attn.{proj}.bias"] = zeros(hidden)
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            t[f"{lp}{norm}.weight"] = ones(hidden)
+            t[f"{lp}{norm}.bias"] = zeros(hidden)
+        t[lp + "fc1.weight"] = normal(ffn, hidden)
+        t[lp + "fc1.bias"] = zeros(ffn)
+        t[lp + "fc2.weight"] = normal(hidden, ffn)
+        t[lp + "fc2.bias"] = zeros(hidden)
+        return t
+
     weight_map = {}
     total = 0
     n_shards = layers + 1
     for i in range(n_shards):
-        if i > 0:
-            lp = f"{pre}layers.{i - 1}."
-            t = {}
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                t[f"{lp}self_attn.{proj}.weight"] = normal(hidden, hidden)
-                t[f"{lp}self_attn.{proj}.bias"] = zeros(hidden)
-            t[lp + "self_attn_layer_norm.weight"] = ones(hidden)
-            t[lp + "self_attn_layer_norm.bias"] = zeros(hidden)
-            t[lp + "fc1.weight"] = normal(ffn, hidden)
-            t[lp + "fc1.bias"] = zeros(ffn)
-            t[lp + "fc2.weight"] = normal(hidden, ffn)
-            t[lp + "fc2.bias"] = zeros(hidden)
-            t[lp + "final_layer_norm.weight"] = ones(hidden)
-            t[lp + "final_layer_norm.bias"] = zeros(hidden)
-        else:
-            t = shards[0]
+        t = shard(i)
         name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         save_file(t, str(out / name), metadata={"format": "pt"})
         for k, v in t.items():
             weight_map[k] = name
             total += v.numel() * v.element_size()
-        del t
-    shards.clear()
+        del t  # before the next layer is drawn: one layer in RAM at a time
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.save_pretrained(out)
