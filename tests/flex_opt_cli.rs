@@ -104,6 +104,7 @@ fn impossible_policies_are_rejected_naming_the_number() {
         (vec!["--gpu-batch-size", "0"], "--gpu-batch-size = 0"),
         (vec!["--attn-sparsity", "1.5"], "--attn-sparsity = 1.5"),
         (vec!["--overlap", "maybe"], "expected a boolean"),
+        (vec!["--int8-activations"], "add --compress-weight"),
     ] {
         let out = flex_opt(dir.path(), &args);
         assert!(!out.status.success(), "{args:?} was accepted");

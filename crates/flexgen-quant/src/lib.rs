@@ -76,8 +76,9 @@ pub use config::CompressionConfig;
 pub use error::{Error, Result};
 pub use kv::{attention_packed, attention_packed_ref, attention_packed_with_level, PackedKvCache};
 pub use linear::{
-    blocks_supported, embedding_packed, fixed_point_enabled, fixed_point_supported, linear_packed,
-    linear_packed_path, linear_packed_ref, linear_packed_with_level, set_fixed_point_enabled,
-    PackedPath, BLOCKS_MIN_M, FUSED_MAX_M,
+    blocks_supported, embedding_packed, fixed_point_enabled, fixed_point_supported,
+    int8_activations_enabled, int8_supported, linear_packed, linear_packed_path, linear_packed_ref,
+    linear_packed_with_level, set_fixed_point_enabled, set_int8_activations, PackedPath,
+    BLOCKS_MIN_M, FUSED_MAX_M,
 };
 pub use tensor::QuantizedTensor;

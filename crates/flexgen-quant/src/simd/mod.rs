@@ -22,6 +22,8 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512_fixed;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512_int8;
 
 /// Equally spaced packed rows: row `r`'s codes start at `codes[r * code_stride]` and its
 /// `[step, min]` pairs at `params[r * param_stride]`; each row has `groups()` groups of
