@@ -10,8 +10,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use flexgen::core::kernels::{self, AttentionShape};
 use flexgen::core::{DType, Matrix};
 use flexgen::quant::{
-    attention_packed, fixed_point_supported, linear_packed, linear_packed_path, CompressionConfig,
-    PackedKvCache, PackedPath, QuantizedTensor, BLOCKS_MIN_M, FUSED_MAX_M,
+    attention_packed, fixed_point_supported, int8_supported, linear_packed, linear_packed_path,
+    CompressionConfig, PackedKvCache, PackedPath, QuantizedTensor, BLOCKS_MIN_M, FUSED_MAX_M,
 };
 
 fn shapes() -> Vec<(&'static str, usize, usize)> {
@@ -90,6 +90,19 @@ fn bench_linear(c: &mut Criterion) {
                     |b, &m| {
                         b.iter(|| {
                             linear_packed_path(level, PackedPath::Fused, &x, m, &q4, None, &mut y)
+                                .unwrap()
+                        })
+                    },
+                );
+            }
+            // The int8 path (opt-in: `--int8-activations`) where the default is the block path.
+            if m >= BLOCKS_MIN_M && int8_supported(level, &q4) {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{name}/q4-int8"), m),
+                    &m,
+                    |b, &m| {
+                        b.iter(|| {
+                            linear_packed_path(level, PackedPath::Int8, &x, m, &q4, None, &mut y)
                                 .unwrap()
                         })
                     },

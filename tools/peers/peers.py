@@ -104,9 +104,15 @@ def run_ct2(ckpt: Path, work: Path, quant: str, batch: int, prompt_len: int, gen
     return prefill, total
 
 
+# flexgen-rs "dtypes" that are flags: 4-bit weights, and 4-bit weights with 8-bit activations.
+FLEX_FLAGS = {"q4": ["--compress-weight"],
+              "q4-int8": ["--compress-weight", "--int8-activations"]}
+
+
 def run_flex(flex_opt: str, ckpt: Path, dtype: str, batch: int, prompt_len: int, gen_len: int):
     cmd = [flex_opt, "--model", str(ckpt), "--prompt-len", str(prompt_len), "--gen-len",
-           str(gen_len), "--gpu-batch-size", str(batch), "--dtype", dtype, "--json"]
+           str(gen_len), "--gpu-batch-size", str(batch), "--json"]
+    cmd += FLEX_FLAGS.get(dtype, ["--dtype", dtype])
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     m = json.loads(res.stdout.strip().splitlines()[-1])
     return m["prefill_latency_s"], m["total_latency_s"]
@@ -121,7 +127,10 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--engines", default="flexgen-rs bf16,flexgen-rs f16,flexgen-rs f32,hf bf16,hf fp32,ct2 int8,ct2 float32")
+    ap.add_argument("--engines", default="flexgen-rs q4-int8,flexgen-rs q4,flexgen-rs bf16,flexgen-rs f16,"
+                    "flexgen-rs f32,hf bf16,hf fp32,ct2 int8,ct2 float32",
+                    help="comma separated 'engine dtype'; flexgen-rs takes f32, f16, bf16, q4 "
+                    "(--compress-weight) and q4-int8 (plus --int8-activations)")
     ap.add_argument("--skip", default="hf fp32@32",
                     help="engine@batch pairs to skip (comma separated), too slow to be useful")
     args = ap.parse_args()

@@ -38,7 +38,8 @@
 //!   table, a row's codes and parameters are contiguous, and the dequantized weights are exactly
 //!   the reference decoder's, so the fused kernel is a table lookup plus an FMA per value;
 //!   and a group's codes multiply a group of `x` as integers with one scale, which the
-//!   fixed-point kernel (AVX-512 VNNI, `vpdpbusd` on 128 codes at once) uses at small `m`.
+//!   fixed-point kernel (AVX-512 VNNI, `vpdpbusd` on 128 codes at once) uses at small `m`,
+//!   and the opt-in int8 path (`x` in bytes, [`int8_activations_enabled`]) at large `m`.
 //!   With groups along the output every SIMD lane needs its own `(step, min)`, and the
 //!   embedding lookup and the KV cache (grouped along `head_dim`, the reduction dimension of
 //!   `q · k`) would need a second kernel family. We did not write or time a fused kernel for
