@@ -113,8 +113,48 @@ pub fn int8_supported(level: SimdLevel, w: &QuantizedTensor) -> bool {
     }
 }
 
-/// Process-wide choice of [`int8_activations_enabled`]: 0 = not read yet, 1 = on, 2 = off.
-static INT8_ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
+/// A process-wide on/off choice, read once from an environment variable unless set in code.
+struct EnvSwitch {
+    /// 0 = not read yet, 1 = on, 2 = off.
+    state: AtomicU8,
+    /// The variable: `1`, `on`, `true` turn it on; `0`, `off`, `false` off; else `default`.
+    var: &'static str,
+    default: bool,
+}
+
+impl EnvSwitch {
+    const fn new(var: &'static str, default: bool) -> EnvSwitch {
+        EnvSwitch {
+            state: AtomicU8::new(0),
+            var,
+            default,
+        }
+    }
+
+    fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let value = std::env::var(self.var).unwrap_or_default();
+                let on = match value.trim().to_ascii_lowercase().as_str() {
+                    "1" | "on" | "true" => true,
+                    "0" | "off" | "false" => false,
+                    _ => self.default,
+                };
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
+/// Process-wide choice of [`int8_activations_enabled`].
+static INT8_ACTIVATIONS: EnvSwitch = EnvSwitch::new("FLEXGEN_INT8_ACTIVATIONS", false);
 
 /// Whether [`linear_packed`] runs [`PackedPath::Int8`] (where supported) from
 /// [`BLOCKS_MIN_M`] rows. Off by default; on when the environment variable
@@ -126,27 +166,17 @@ static INT8_ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
 /// (the 4-bit weights' own rounding is up to `step / 2` per weight). About twice the
 /// multiply-add rate of the `f32` block path on CPUs with AVX-512 VNNI.
 pub fn int8_activations_enabled() -> bool {
-    match INT8_ACTIVATIONS.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("FLEXGEN_INT8_ACTIVATIONS").is_ok_and(|v| {
-                matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "on" | "true")
-            });
-            INT8_ACTIVATIONS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
-        }
-    }
+    INT8_ACTIVATIONS.get()
 }
 
 /// Turns the choice of [`PackedPath::Int8`] by [`linear_packed`] on or off for the whole
 /// process (overrides `FLEXGEN_INT8_ACTIVATIONS`).
 pub fn set_int8_activations(on: bool) {
-    INT8_ACTIVATIONS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    INT8_ACTIVATIONS.set(on);
 }
 
-/// Process-wide choice of [`fixed_point_enabled`]: 0 = not read yet, 1 = on, 2 = off.
-static FIXED_POINT: AtomicU8 = AtomicU8::new(0);
+/// Process-wide choice of [`fixed_point_enabled`].
+static FIXED_POINT: EnvSwitch = EnvSwitch::new("FLEXGEN_FIXED_POINT", true);
 
 /// Whether [`linear_packed`] may choose [`PackedPath::FixedPoint`] (where supported). On by
 /// default; off when the environment variable `FLEXGEN_FIXED_POINT` is `0`, `off` or `false`
@@ -154,26 +184,13 @@ static FIXED_POINT: AtomicU8 = AtomicU8::new(0);
 /// [`BLOCKS_MIN_M`] runs the float kernels, equal to dequantize-then-linear up to float
 /// rounding.
 pub fn fixed_point_enabled() -> bool {
-    match FIXED_POINT.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = std::env::var("FLEXGEN_FIXED_POINT").is_ok_and(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "0" | "off" | "false"
-                )
-            });
-            FIXED_POINT.store(if off { 2 } else { 1 }, Ordering::Relaxed);
-            !off
-        }
-    }
+    FIXED_POINT.get()
 }
 
 /// Turns the choice of [`PackedPath::FixedPoint`] by [`linear_packed`] on or off for the
 /// whole process (overrides `FLEXGEN_FIXED_POINT`).
 pub fn set_fixed_point_enabled(on: bool) {
-    FIXED_POINT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    FIXED_POINT.set(on);
 }
 
 /// `out[m, n] = x[m, k] · Wᵀ + bias` for a packed `(n, k)` weight `w` (rank 2).

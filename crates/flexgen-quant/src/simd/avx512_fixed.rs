@@ -152,6 +152,39 @@ impl FixedX {
     }
 }
 
+/// The largest `|v|` and the sum of `vals` (a multiple of 16 values; checked), or `None` if a
+/// value is not finite. Shared with the int8 kernel's rounding of `x`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn abs_max_and_sum(vals: &[f32]) -> Option<(f32, f32)> {
+    assert!(vals.len().is_multiple_of(16));
+    let (mut max, mut sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut unordered: __mmask16 = 0;
+    for chunk in vals.chunks_exact(16) {
+        // SAFETY: 16 values.
+        let x = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
+        max = _mm512_max_ps(max, _mm512_abs_ps(x));
+        sum = _mm512_add_ps(sum, x);
+        unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    }
+    let (max, sum) = (_mm512_reduce_max_ps(max), _mm512_reduce_add_ps(sum));
+    (unordered == 0 && max.is_finite()).then_some((max, sum))
+}
+
+/// `x · inv` rounded to the nearest integer (ties to even, the MXCSR default) and clamped to
+/// `lo ..= hi` (the clamp keeps a product that rounds just past the range in it). Shared with
+/// the int8 kernel.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn round_clamped(x: __m512, inv: __m512, lo: __m512i, hi: __m512i) -> __m512i {
+    _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), lo),
+        hi,
+    )
+}
+
 /// Rounds group `g` of a row (`vals`, `gs` values, a multiple of 64) to `q = 256 · h + l`
 /// (`|q| <= Q_MAX`) and writes `h` and `l` into the row's chunks (`parts`); returns
 /// `(s, Σ vals, Σ (vals − q · s))`, or `None` if a value is not finite.
@@ -164,19 +197,8 @@ unsafe fn quantize_group(vals: &[f32], g: usize, parts: &mut [i8]) -> Option<(f3
     let (gs, gb) = (vals.len(), vals.len() / 2);
     assert!(parts.len() >= ((g + 1) * gb).div_ceil(CHUNK) * X_CHUNK);
     let v = vals.as_ptr();
-    let (mut max, mut sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut unordered: __mmask16 = 0;
-    for t in (0..gs).step_by(16) {
-        // SAFETY: `t + 16 <= gs = vals.len()`.
-        let x = unsafe { _mm512_loadu_ps(v.add(t)) };
-        max = _mm512_max_ps(max, _mm512_abs_ps(x));
-        sum = _mm512_add_ps(sum, x);
-        unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-    }
-    let (max, sum) = (_mm512_reduce_max_ps(max), _mm512_reduce_add_ps(sum));
-    if unordered != 0 || !max.is_finite() {
-        return None;
-    }
+    // SAFETY: AVX-512 F is this function's contract; `gs` is a multiple of 64.
+    let (max, sum) = unsafe { abs_max_and_sum(vals) }?;
     let inv = _mm512_set1_ps(if max > 0.0 { Q_MAX / max } else { 0.0 });
     let s = max / Q_MAX;
     let mut residual = _mm512_setzero_ps();
@@ -186,14 +208,9 @@ unsafe fn quantize_group(vals: &[f32], g: usize, parts: &mut [i8]) -> Option<(f3
     );
     let p = parts.as_mut_ptr();
     for t in (0..gs).step_by(16) {
-        // SAFETY: as above.
+        // SAFETY: `t + 16 <= gs = vals.len()`.
         let x = unsafe { _mm512_loadu_ps(v.add(t)) };
-        // Round to nearest even (the MXCSR default); the clamp keeps a product that rounds
-        // just past Q_MAX in range.
-        let q = _mm512_min_epi32(
-            _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), lo_q),
-            hi_q,
-        );
+        let q = round_clamped(x, inv, lo_q, hi_q);
         residual = _mm512_add_ps(
             residual,
             _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s), x),

@@ -40,6 +40,7 @@ use std::arch::x86_64::*;
 use half::f16;
 use rayon::prelude::*;
 
+use super::avx512_fixed::{abs_max_and_sum, round_clamped};
 use super::Rows;
 
 /// Rows of `x` per vector (one `i32` lane each).
@@ -201,19 +202,8 @@ unsafe fn quantize_group(vals: &[f32], t: usize, block: &mut [i8]) -> Option<(f3
     let gs = vals.len();
     assert!(gs.is_multiple_of(32) && block.len() >= LANES * gs && t < LANES);
     let v = vals.as_ptr();
-    let (mut max, mut sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut unordered: __mmask16 = 0;
-    for j in (0..gs).step_by(16) {
-        // SAFETY: `j + 16 <= gs`.
-        let x = unsafe { _mm512_loadu_ps(v.add(j)) };
-        max = _mm512_max_ps(max, _mm512_abs_ps(x));
-        sum = _mm512_add_ps(sum, x);
-        unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-    }
-    let (max, sum) = (_mm512_reduce_max_ps(max), _mm512_reduce_add_ps(sum));
-    if unordered != 0 || !max.is_finite() {
-        return None;
-    }
+    // SAFETY: AVX-512 F is this function's contract; `gs` is a multiple of 32.
+    let (max, sum) = unsafe { abs_max_and_sum(vals) }?;
     let inv = _mm512_set1_ps(if max > 0.0 { Q_MAX / max } else { 0.0 });
     let s = max / Q_MAX;
     let (lo_q, hi_q) = (
@@ -224,14 +214,9 @@ unsafe fn quantize_group(vals: &[f32], t: usize, block: &mut [i8]) -> Option<(f3
     let mut residual = _mm512_setzero_ps();
     let b = block.as_mut_ptr();
     for j in (0..gs).step_by(16) {
-        // SAFETY: as above.
+        // SAFETY: `j + 16 <= gs = vals.len()`.
         let x = unsafe { _mm512_loadu_ps(v.add(j)) };
-        // Round to nearest even (the MXCSR default); the clamp keeps a product that rounds
-        // just past 127 in range.
-        let q = _mm512_min_epi32(
-            _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), lo_q),
-            hi_q,
-        );
+        let q = round_clamped(x, inv, lo_q, hi_q);
         residual = _mm512_add_ps(
             residual,
             _mm512_fnmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s), x),
