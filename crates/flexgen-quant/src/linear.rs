@@ -702,18 +702,6 @@ mod tests {
     use flexgen_core::simd::available_levels;
     use proptest::prelude::*;
 
-    /// `|got - want| <= tol` with `tol` from the magnitudes summed (float rounding only).
-    fn assert_close(got: &[f32], want: &[f32], scale: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len());
-        for (i, ((&a, &b), &s)) in got.iter().zip(want).zip(scale).enumerate() {
-            let tol = 1e-5 * s.max(1.0);
-            assert!(
-                (a - b).abs() <= tol,
-                "{what}: index {i}: got {a}, want {b} (tol {tol})"
-            );
-        }
-    }
-
     /// Σ |x| |w| per output: bounds the summation rounding.
     fn magnitudes(x: &[f32], m: usize, w: &QuantizedTensor, bias: Option<&[f32]>) -> Vec<f32> {
         let (n, k) = (w.shape()[0], w.shape()[1]);
@@ -737,11 +725,18 @@ mod tests {
         let scale = magnitudes(x, m, w, bias);
         let mut got = vec![f32::NAN; m * n];
         linear_packed(x, m, w, bias, &mut got).unwrap();
-        if m < BLOCKS_MIN_M && fixed_point_enabled() && fixed_point_supported(simd_level(), w) {
-            assert_within_fixed_point_bound(&got, &want, &scale, x, m, w, "default");
+        let fixed_default =
+            m < BLOCKS_MIN_M && fixed_point_enabled() && fixed_point_supported(simd_level(), w);
+        let int8_default =
+            m >= BLOCKS_MIN_M && int8_activations_enabled() && int8_supported(simd_level(), w);
+        let bound = if fixed_default {
+            Some(fixed_point_bound(x, m, w))
+        } else if int8_default {
+            Some(int8_bound(x, m, w))
         } else {
-            assert_close(&got, &want, &scale, "default");
-        }
+            None
+        };
+        assert_within(&got, &want, &scale, bound.as_deref(), "default");
         for level in available_levels() {
             for path in [
                 PackedPath::Fused,
@@ -753,91 +748,53 @@ mod tests {
                 let mut got = vec![f32::NAN; m * n];
                 linear_packed_path(level, path, x, m, w, bias, &mut got).unwrap();
                 let what = format!("{level} {path:?} {}", w.config());
-                if path == PackedPath::FixedPoint && fixed_point_supported(level, w) {
-                    assert_within_fixed_point_bound(&got, &want, &scale, x, m, w, &what);
-                } else if path == PackedPath::Int8 && int8_supported(level, w) {
-                    assert_within_int8_bound(&got, &want, &scale, x, m, w, &what);
-                } else {
-                    assert_close(&got, &want, &scale, &what);
-                }
+                let bound = match path {
+                    PackedPath::FixedPoint if fixed_point_supported(level, w) => {
+                        Some(fixed_point_bound(x, m, w))
+                    }
+                    PackedPath::Int8 if int8_supported(level, w) => Some(int8_bound(x, m, w)),
+                    _ => None,
+                };
+                assert_within(&got, &want, &scale, bound.as_deref(), &what);
             }
         }
     }
 
-    /// [`assert_close`] widened by the bound of the fixed-point kernel's rounding of `x`.
+    /// `|got - want| <= tol` with `tol` from the magnitudes summed (float rounding), widened per
+    /// output by `bound` (row-major, `m x n`) where given.
+    fn assert_within(got: &[f32], want: &[f32], scale: &[f32], bound: Option<&[f32]>, what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, ((&a, &b), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            let tol = 1e-5 * s.max(1.0) + bound.map_or(0.0, |t| t[i]);
+            assert!(
+                (a - b).abs() <= tol,
+                "{what}: index {i}: got {a}, want {b} (tol {tol})"
+            );
+        }
+    }
+
+    /// The most the fixed-point kernel's rounding of `x` can move each output (`m x n`).
     #[cfg(target_arch = "x86_64")]
-    fn assert_within_fixed_point_bound(
-        got: &[f32],
-        want: &[f32],
-        scale: &[f32],
-        x: &[f32],
-        m: usize,
-        w: &QuantizedTensor,
-        what: &str,
-    ) {
+    fn fixed_point_bound(x: &[f32], m: usize, w: &QuantizedTensor) -> Vec<f32> {
         let n = w.shape()[0];
         let bound_t = crate::simd::avx512_fixed::error_bound(&row_view(w).unwrap(), x, m);
-        for i in 0..m {
-            for j in 0..n {
-                let (a, b) = (got[i * n + j], want[i * n + j]);
-                let tol = 1e-5 * scale[i * n + j].max(1.0) + bound_t[j * m + i];
-                assert!(
-                    (a - b).abs() <= tol,
-                    "{what}: row {i} col {j}: got {a}, want {b} (tol {tol})"
-                );
-            }
-        }
+        (0..m * n).map(|p| bound_t[(p % n) * m + p / n]).collect()
     }
 
-    /// [`assert_close`] widened by the bound of the int8 kernel's rounding of `x`.
+    /// The most the int8 kernel's rounding of `x` can move each output (`m x n`).
     #[cfg(target_arch = "x86_64")]
-    fn assert_within_int8_bound(
-        got: &[f32],
-        want: &[f32],
-        scale: &[f32],
-        x: &[f32],
-        m: usize,
-        w: &QuantizedTensor,
-        what: &str,
-    ) {
-        let n = w.shape()[0];
-        let bound = crate::simd::avx512_int8::error_bound(&row_view(w).unwrap(), x, m);
-        for i in 0..m {
-            for j in 0..n {
-                let (a, b) = (got[i * n + j], want[i * n + j]);
-                let tol = 1e-5 * scale[i * n + j].max(1.0) + bound[i * n + j];
-                assert!(
-                    (a - b).abs() <= tol,
-                    "{what}: row {i} col {j}: got {a}, want {b} (tol {tol})"
-                );
-            }
-        }
+    fn int8_bound(x: &[f32], m: usize, w: &QuantizedTensor) -> Vec<f32> {
+        crate::simd::avx512_int8::error_bound(&row_view(w).unwrap(), x, m)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn assert_within_int8_bound(
-        _: &[f32],
-        _: &[f32],
-        _: &[f32],
-        _: &[f32],
-        _: usize,
-        _: &QuantizedTensor,
-        _: &str,
-    ) {
-        unreachable!("no int8 kernel on this architecture")
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    fn assert_within_fixed_point_bound(
-        _: &[f32],
-        _: &[f32],
-        _: &[f32],
-        _: &[f32],
-        _: usize,
-        _: &QuantizedTensor,
-        _: &str,
-    ) {
+    fn fixed_point_bound(_: &[f32], _: usize, _: &QuantizedTensor) -> Vec<f32> {
         unreachable!("no fixed-point kernel on this architecture")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn int8_bound(_: &[f32], _: usize, _: &QuantizedTensor) -> Vec<f32> {
+        unreachable!("no int8 kernel on this architecture")
     }
 
     fn data(len: usize, seed: usize) -> Vec<f32> {

@@ -56,10 +56,9 @@ const CODE_CENTER: f32 = 8.0;
 /// `f32` per vector and group in [`Int8X::params`]: `s`, `8 · Σ (x − x̂)`, `Σ x`.
 const PARAMS: usize = 3 * LANES;
 
-/// Whether this CPU has AVX-512 VNNI (on top of the AVX-512 level).
-pub(crate) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512vnni")
-}
+/// Whether this CPU has AVX-512 VNNI (on top of the AVX-512 level), as the fixed-point kernel
+/// needs.
+pub(crate) use super::avx512_fixed::available;
 
 /// Whether the kernel handles `w`'s format: 4-bit codes in groups of a multiple of 32 values
 /// (so that a step's 4 code bytes lie in one group and 16 values of `x` in one half).
