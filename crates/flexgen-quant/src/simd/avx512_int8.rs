@@ -308,6 +308,7 @@ pub(crate) unsafe fn gemm(
 /// `out[i * n + r] = bias[r] + Σ_l W[r, l] · x̂[i, l]` for rows `i` of `x` in vectors
 /// `v0 .. v0 + vecs` (`i < x.m`, `vecs <= VECS`) and weight rows `r0 .. r0 + rows` of `w`
 /// (`rows <= TASK_ROWS`, `n = w.rows`); `params` holds [`widen_params`] of all of `w`.
+///
 /// The tile's `x` rows (`16 · cols` bytes per vector) stay in L2 while the range's weight rows
 /// pass. (Taking the groups in L1-sized chunks, with the sums waiting in `sums`, measured no
 /// faster on OPT-6.7B shapes up to `k = 16384`.)
