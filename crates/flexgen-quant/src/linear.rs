@@ -26,6 +26,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::thread::LocalKey;
 
 use flexgen_core::kernels::{self, row_blocks_supported, RowBlocks, ROW_BLOCK_COLS};
 use flexgen_core::{simd_level, Matrix, SimdLevel, Storage};
@@ -369,10 +370,7 @@ fn fixed_point(
         use crate::simd::avx512_fixed::{gemv, FixedX};
         // This thread's rounded `x`, reused across calls (a fresh one if it is in use, as
         // when rayon runs another layer's call on this thread inside the parallel loop).
-        FIXED_X.with(|cell| {
-            let mut fresh = FixedX::new();
-            let mut guard = cell.try_borrow_mut().ok();
-            let xq = guard.as_deref_mut().unwrap_or(&mut fresh);
+        with_reused(&FIXED_X, |xq: &mut FixedX| {
             if !xq.requantize(x, m, w.cols, w.gs) {
                 return fused(level, w, x, m, bias, out);
             }
@@ -400,19 +398,12 @@ fn int8(w: Rows<'_>, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32])
     #[cfg(target_arch = "x86_64")]
     {
         use crate::simd::avx512_int8::{gemm, widen_params, Int8X};
-        // This thread's rounded `x` and widened weight parameters, reused across calls
-        // (fresh ones if they are in use, as when rayon runs another call on this thread).
-        INT8_X.with(|cell| {
-            let mut fresh = Int8X::new();
-            let mut guard = cell.try_borrow_mut().ok();
-            let xq = guard.as_deref_mut().unwrap_or(&mut fresh);
+        // This thread's rounded `x` and widened weight parameters, reused across calls.
+        with_reused(&INT8_X, |xq: &mut Int8X| {
             if !xq.requantize(x, m, w.cols, w.gs) {
                 return false;
             }
-            WIDE_PARAMS.with(|cell| {
-                let mut fresh = Vec::new();
-                let mut guard = cell.try_borrow_mut().ok();
-                let params = guard.as_deref_mut().unwrap_or(&mut fresh);
+            with_reused(&WIDE_PARAMS, |params: &mut Vec<f32>| {
                 widen_params(&w, params);
                 // SAFETY: `int8_supported` checked AVX-512 + VNNI and the format.
                 unsafe { gemm(&w, params, xq, bias, out) };
@@ -580,10 +571,7 @@ fn panels(
     // is this thread's, kept across calls: a fresh one of tens of MiB per call costs its page
     // faults every time.
     let mut tmp = vec![0.0f32; m * panel_rows];
-    PANEL.with(|cell| -> Result<()> {
-        let mut fresh = Vec::new();
-        let mut guard = cell.try_borrow_mut().ok();
-        let panel = guard.as_deref_mut().unwrap_or(&mut fresh);
+    with_reused(&PANEL, |panel: &mut Vec<f32>| -> Result<()> {
         let mut j0 = 0;
         while j0 < n {
             let p = panel_rows.min(n - j0);
@@ -623,16 +611,26 @@ thread_local! {
     static WIDE_PARAMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on this thread's value in `key`, kept across calls, or on a fresh default value
+/// when it is in use (as when rayon runs another layer's call on this thread inside a
+/// parallel loop).
+fn with_reused<T: Default + 'static, R>(
+    key: &'static LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
 /// Runs `f` with a scratch slice of `len` floats (fresh if this thread's is in use).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < len {
-                v.resize(len, 0.0);
-            }
-            f(&mut v[..len])
+    with_reused(&SCRATCH, |v: &mut Vec<f32>| {
+        if v.len() < len {
+            v.resize(len, 0.0);
         }
-        Err(_) => f(&mut vec![0.0; len]),
+        f(&mut v[..len])
     })
 }
 
