@@ -719,6 +719,55 @@ mod tests {
         assert!(pad_out.iter().all(|&x| x == 0.0));
     }
 
+    /// Per output, a bound on the `f32` rounding error of any summation order, from the
+    /// forward error analysis of the three steps. A score `scale·Σ_d q_d·k_d` is off by at
+    /// most `δ = (head_dim + 2)·ε·S`, where `S` is the largest `scale·Σ_d |q_d·k_d|` over
+    /// the row's valid keys (the dot product, plus the multiplication by `scale`). A softmax
+    /// weight `exp(s_j - max) / Σ exp` then has relative error at most `4δ` from the scores
+    /// plus `(kv_len + 16)·ε` from `exp` (a few ulp in the SIMD kernels), the sum of up to
+    /// `kv_len` terms, online rescaling and the division. The weighted sum of values adds
+    /// `kv_len·ε` of `Σ_j p_j·|v_j|`, which is at most the largest `|v_j|` of the column.
+    /// A wrong mask or index moves an output by `O(|v|)`, far above this bound.
+    fn rounding_bounds(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        valid: &[bool],
+        s: &AttentionShape,
+        scale: f32,
+    ) -> Vec<f32> {
+        let (hd, hidden) = (s.head_dim, s.hidden());
+        let eps = f32::EPSILON;
+        let mut bounds = vec![0.0f32; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.n_heads {
+                for i in 0..s.q_len {
+                    let p = s.kv_len - s.q_len + i;
+                    let qoff = (b * s.q_len + i) * hidden + h * hd;
+                    let keys: Vec<usize> = (0..=p).filter(|&j| valid[b * s.kv_len + j]).collect();
+                    let row = |j: usize| (b * s.kv_capacity + j) * hidden + h * hd;
+                    let s_max = keys
+                        .iter()
+                        .map(|&j| {
+                            let d: f32 = (0..hd).map(|d| (q[qoff + d] * k[row(j) + d]).abs()).sum();
+                            scale * d
+                        })
+                        .fold(0.0f32, f32::max);
+                    let delta = (hd + 2) as f32 * eps * s_max;
+                    let rel = 4.0 * delta + (2 * s.kv_len + 16) as f32 * eps;
+                    for d in 0..hd {
+                        let v_max = keys
+                            .iter()
+                            .map(|&j| v[row(j) + d].abs())
+                            .fold(0.0f32, f32::max);
+                        bounds[qoff + d] = rel * v_max;
+                    }
+                }
+            }
+        }
+        bounds
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
@@ -740,10 +789,17 @@ mod tests {
         ) {
             let mut want = vec![0.0; q.len()];
             attention_ref(&q, &k, &v, &valid, &s, scale, &mut want).unwrap();
+            let bounds = rounding_bounds(&q, &k, &v, &valid, &s, scale);
             for level in available_levels() {
                 let mut got = vec![f32::NAN; q.len()];
                 attention_with_level(level, &q, &k, &v, &valid, &s, scale, &mut got).unwrap();
-                assert_close(&got, &want, 1e-5, &format!("{level} {s:?}"));
+                for (i, ((&a, &b), &bound)) in got.iter().zip(&want).zip(&bounds).enumerate() {
+                    // Both results carry at most `bound` of rounding error.
+                    prop_assert!(
+                        (a - b).abs() <= 2.0 * bound,
+                        "{level} {s:?}: index {i}: got {a}, want {b}, bound {bound}"
+                    );
+                }
             }
         }
     }
