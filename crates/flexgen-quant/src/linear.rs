@@ -397,17 +397,14 @@ fn int8(w: Rows<'_>, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32])
     }
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::simd::avx512_int8::{gemm, widen_params, Int8X};
-        // This thread's rounded `x` and widened weight parameters, reused across calls.
+        use crate::simd::avx512_int8::{gemm, Int8X};
+        // This thread's rounded `x`, reused across calls.
         with_reused(&INT8_X, |xq: &mut Int8X| {
             if !xq.requantize(x, m, w.cols, w.gs) {
                 return false;
             }
-            with_reused(&WIDE_PARAMS, |params: &mut Vec<f32>| {
-                widen_params(&w, params);
-                // SAFETY: `int8_supported` checked AVX-512 + VNNI and the format.
-                unsafe { gemm(&w, params, xq, bias, out) };
-            });
+            // SAFETY: `int8_supported` checked AVX-512 + VNNI and the format.
+            unsafe { gemm(&w, xq, bias, out) };
             true
         })
     }
@@ -606,9 +603,6 @@ thread_local! {
     #[cfg(target_arch = "x86_64")]
     static INT8_X: RefCell<crate::simd::avx512_int8::Int8X> =
         const { RefCell::new(crate::simd::avx512_int8::Int8X::new()) };
-    /// Per-thread `f32` weight-group parameters for the int8 path, reused across calls.
-    #[cfg(target_arch = "x86_64")]
-    static WIDE_PARAMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on this thread's value in `key`, kept across calls, or on a fresh default value

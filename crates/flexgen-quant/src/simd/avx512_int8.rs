@@ -37,7 +37,6 @@
 
 use std::arch::x86_64::*;
 
-use half::f16;
 use rayon::prelude::*;
 
 use super::avx512_fixed::{abs_max_and_sum, round_clamped};
@@ -234,17 +233,6 @@ unsafe fn quantize_group(vals: &[f32], t: usize, block: &mut [i8]) -> Option<(f3
     Some((s, sum, _mm512_reduce_add_ps(residual)))
 }
 
-/// `f32` copies of the `[step, min]` pairs of rows `0 .. w.rows`, `2 · groups` per row.
-pub(crate) fn widen_params(w: &Rows<'_>, out: &mut Vec<f32>) {
-    let per_row = 2 * w.groups();
-    out.clear();
-    out.reserve(w.rows * per_row);
-    for r in 0..w.rows {
-        let p = &w.params[r * w.param_stride..r * w.param_stride + per_row];
-        out.extend(p.iter().map(|v: &f16| v.to_f32()));
-    }
-}
-
 /// Weight rows per parallel task (a multiple of [`OUTS`]).
 const TASK_ROWS: usize = 16 * OUTS;
 
@@ -258,20 +246,14 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// `out[i * n + r] = bias[r] + Σ_l W[r, l] · x̂[i, l]` for every row `i < x.m` and output
-/// `r < n = w.rows`; `params` holds [`widen_params`] of `w`. Tasks of up to 32 rows of `x`
+/// `r < n = w.rows`. Tasks of up to 32 rows of `x`
 /// times [`TASK_ROWS`] weight rows run on rayon's threads; consecutive tasks share their rows
 /// of `x` (kept in L2 while the weights stream past).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL and VNNI ([`available`]); `w` must pass [`supports`].
 /// Bounds and shapes are checked with a panic.
-pub(crate) unsafe fn gemm(
-    w: &Rows<'_>,
-    params: &[f32],
-    x: &Int8X,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
+pub(crate) unsafe fn gemm(w: &Rows<'_>, x: &Int8X, bias: Option<&[f32]>, out: &mut [f32]) {
     w.assert_in_bounds();
     let n = w.rows;
     assert!(
@@ -292,7 +274,6 @@ pub(crate) unsafe fn gemm(
         unsafe {
             gemm_tile_range(
                 w,
-                params,
                 x,
                 bias,
                 v0,
@@ -307,7 +288,7 @@ pub(crate) unsafe fn gemm(
 
 /// `out[i * n + r] = bias[r] + Σ_l W[r, l] · x̂[i, l]` for rows `i` of `x` in vectors
 /// `v0 .. v0 + vecs` (`i < x.m`, `vecs <= VECS`) and weight rows `r0 .. r0 + rows` of `w`
-/// (`rows <= TASK_ROWS`, `n = w.rows`); `params` holds [`widen_params`] of all of `w`.
+/// (`rows <= TASK_ROWS`, `n = w.rows`).
 ///
 /// The tile's `x` rows (`16 · cols` bytes per vector) stay in L2 while the range's weight rows
 /// pass. (Taking the groups in L1-sized chunks, with the sums waiting in `sums`, measured no
@@ -319,10 +300,9 @@ pub(crate) unsafe fn gemm(
 /// `out` must point to `x.m · w.rows` writable `f32`, and no other thread may access the
 /// elements this call writes while it runs.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn gemm_tile_range(
     w: &Rows<'_>,
-    params: &[f32],
     x: &Int8X,
     bias: Option<&[f32]>,
     v0: usize,
@@ -331,7 +311,6 @@ unsafe fn gemm_tile_range(
     rows: usize,
     out: *mut f32,
 ) {
-    let groups = w.groups();
     assert!(
         x.cols == w.cols
             && x.gs == w.gs
@@ -340,7 +319,6 @@ unsafe fn gemm_tile_range(
             && rows <= TASK_ROWS
             && v0 + vecs <= x.vectors()
             && r0 + rows <= w.rows
-            && params.len() >= w.rows * 2 * groups
             && bias.is_none_or(|b| b.len() >= w.rows),
         "int8 gemm: arguments for another shape"
     );
@@ -359,18 +337,18 @@ unsafe fn gemm_tile_range(
         // (asserted above); `acc` holds `o` rows of sums.
         unsafe {
             match (o, vecs) {
-                (6, 2) => tile::<6, 2>(w, params, x, v0, r, acc),
-                (5, 2) => tile::<5, 2>(w, params, x, v0, r, acc),
-                (4, 2) => tile::<4, 2>(w, params, x, v0, r, acc),
-                (3, 2) => tile::<3, 2>(w, params, x, v0, r, acc),
-                (2, 2) => tile::<2, 2>(w, params, x, v0, r, acc),
-                (1, 2) => tile::<1, 2>(w, params, x, v0, r, acc),
-                (6, _) => tile::<6, 1>(w, params, x, v0, r, acc),
-                (5, _) => tile::<5, 1>(w, params, x, v0, r, acc),
-                (4, _) => tile::<4, 1>(w, params, x, v0, r, acc),
-                (3, _) => tile::<3, 1>(w, params, x, v0, r, acc),
-                (2, _) => tile::<2, 1>(w, params, x, v0, r, acc),
-                _ => tile::<1, 1>(w, params, x, v0, r, acc),
+                (6, 2) => tile::<6, 2>(w, x, v0, r, acc),
+                (5, 2) => tile::<5, 2>(w, x, v0, r, acc),
+                (4, 2) => tile::<4, 2>(w, x, v0, r, acc),
+                (3, 2) => tile::<3, 2>(w, x, v0, r, acc),
+                (2, 2) => tile::<2, 2>(w, x, v0, r, acc),
+                (1, 2) => tile::<1, 2>(w, x, v0, r, acc),
+                (6, _) => tile::<6, 1>(w, x, v0, r, acc),
+                (5, _) => tile::<5, 1>(w, x, v0, r, acc),
+                (4, _) => tile::<4, 1>(w, x, v0, r, acc),
+                (3, _) => tile::<3, 1>(w, x, v0, r, acc),
+                (2, _) => tile::<2, 1>(w, x, v0, r, acc),
+                _ => tile::<1, 1>(w, x, v0, r, acc),
             }
         }
         r += o;
@@ -396,11 +374,10 @@ unsafe fn gemm_tile_range(
 /// `acc.len() >= O · VECS · LANES` (checked).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)]
 unsafe fn tile<const O: usize, const V: usize>(
     w: &Rows<'_>,
-    params: &[f32],
     x: &Int8X,
     v: usize,
     r: usize,
@@ -410,7 +387,7 @@ unsafe fn tile<const O: usize, const V: usize>(
     let (gs, groups) = (w.gs, w.groups());
     let (gb, steps) = (gs / 2, gs / 8);
     let codes = w.codes.as_ptr().wrapping_add(r * w.code_stride);
-    let wp = params.as_ptr().wrapping_add(r * 2 * groups);
+    let wp = w.params.as_ptr().wrapping_add(r * w.param_stride);
     let xq = x.parts.as_ptr().wrapping_add(v * groups * LANES * gs);
     let xp = x.params.as_ptr().wrapping_add(v * groups * PARAMS);
     let nibble = _mm512_set1_epi8(0x0F);
@@ -466,11 +443,14 @@ unsafe fn tile<const O: usize, const V: usize>(
                 )
             };
             for o in 0..O {
-                // SAFETY: row `r + o`, group `g` of the widened parameters.
-                let (step, min) = unsafe {
-                    let p = wp.add(o * 2 * groups + 2 * g);
-                    (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(1)))
+                // SAFETY: row `r + o`, group `g`: its `[step, min]` pair of `f16` lies in
+                // `w.params` (`Rows::assert_in_bounds`).
+                let pair = unsafe {
+                    let p = wp.add(o * w.param_stride + 2 * g);
+                    _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()))
                 };
+                let step = _mm512_broadcastss_ps(pair);
+                let min = _mm512_broadcastss_ps(_mm_movehdup_ps(pair));
                 let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[o][u]), s, centre);
                 acc[o][u] = _mm512_fmadd_ps(min, sum_x, _mm512_fmadd_ps(t, step, acc[o][u]));
             }
@@ -538,7 +518,6 @@ mod tests {
             return;
         }
         let mut xq = Int8X::new();
-        let mut params = Vec::new();
         for &(m, n, cols, gs) in &[
             (1, 7, 64, 64),
             (17, 13, 200, 64),
@@ -555,11 +534,10 @@ mod tests {
             let x = pattern(m * cols, 5);
             let bias = pattern(n, 9);
             assert!(xq.requantize(&x, m, cols, gs));
-            widen_params(&rows, &mut params);
             for b in [None, Some(&bias[..])] {
                 let mut got = vec![f32::NAN; m * n];
                 // SAFETY: `available` was checked; the format is 4-bit with gs % 32 == 0.
-                unsafe { gemm(&rows, &params, &xq, b, &mut got) };
+                unsafe { gemm(&rows, &xq, b, &mut got) };
                 let groups = cols.div_ceil(gs);
                 for i in 0..m {
                     for r in 0..n {
