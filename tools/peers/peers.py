@@ -106,7 +106,8 @@ def run_ct2(ckpt: Path, work: Path, quant: str, batch: int, prompt_len: int, gen
 
 # flexgen-rs "dtypes" that are flags: 4-bit weights, and 4-bit weights with 8-bit activations.
 FLEX_FLAGS = {"q4": ["--compress-weight"],
-              "q4-int8": ["--compress-weight", "--int8-activations"]}
+              "q4-int8": ["--compress-weight", "--int8-activations"],
+              "q4-int8-cc": ["--compress-weight", "--int8-activations", "--compress-cache"]}
 
 
 def run_flex(flex_opt: str, ckpt: Path, dtype: str, batch: int, prompt_len: int, gen_len: int):
@@ -130,7 +131,8 @@ def main():
     ap.add_argument("--engines", default="flexgen-rs q4-int8,flexgen-rs q4,flexgen-rs bf16,flexgen-rs f16,"
                     "flexgen-rs f32,hf bf16,hf fp32,ct2 int8,ct2 float32",
                     help="comma separated 'engine dtype'; flexgen-rs takes f32, f16, bf16, q4 "
-                    "(--compress-weight) and q4-int8 (plus --int8-activations)")
+                    "(--compress-weight), q4-int8 (plus --int8-activations) and q4-int8-cc (plus "
+                    "--compress-cache)")
     ap.add_argument("--skip", default="hf fp32@32",
                     help="engine@batch pairs to skip (comma separated), too slow to be useful")
     args = ap.parse_args()
