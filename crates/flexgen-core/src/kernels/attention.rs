@@ -726,8 +726,9 @@ mod tests {
     /// weight `exp(s_j - max) / Σ exp` then has relative error at most `4δ` from the scores
     /// plus `(kv_len + 16)·ε` from `exp` (a few ulp in the SIMD kernels), the sum of up to
     /// `kv_len` terms, online rescaling and the division. The weighted sum of values adds
-    /// `kv_len·ε` of `Σ_j p_j·|v_j|`, which is at most the largest `|v_j|` of the column.
-    /// A wrong mask or index moves an output by `O(|v|)`, far above this bound.
+    /// `kv_len·ε` of `Σ_j p_j·|v_j|`, which is at most the largest `|v_j|` of the column:
+    /// in all, `(4δ + (2·kv_len + 16)·ε) · max_j |v_j|`. A wrong mask or index moves an
+    /// output by `O(|v|)`, far above this bound.
     fn rounding_bounds(
         q: &[f32],
         k: &[f32],
