@@ -246,9 +246,9 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// `out[i * n + r] = bias[r] + Σ_l W[r, l] · x̂[i, l]` for every row `i < x.m` and output
-/// `r < n = w.rows`. Tasks of up to 32 rows of `x`
-/// times [`TASK_ROWS`] weight rows run on rayon's threads; consecutive tasks share their rows
-/// of `x` (kept in L2 while the weights stream past).
+/// `r < n = w.rows`. Tasks of up to 32 rows of `x` times [`TASK_ROWS`] weight rows run on
+/// rayon's threads; consecutive tasks share their rows of `x` (kept in L2 while the weights
+/// stream past).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL and VNNI ([`available`]); `w` must pass [`supports`].
@@ -372,7 +372,6 @@ unsafe fn gemm_tile_range(
 /// # Safety
 /// As [`gemm_tile_range`], for these rows and vectors (which must exist);
 /// `acc.len() >= O · VECS · LANES` (checked).
-#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)]
