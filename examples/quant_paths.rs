@@ -1,7 +1,8 @@
 //! The 4-bit linear layer's algorithms side by side, in one process: the fused kernel, the
 //! fixed-point kernel (AVX-512 VNNI; the fused kernel where the CPU lacks it), the block path
 //! (decoded blocks through the packed-panel GEMM), the int8 path (`x` rounded to bytes,
-//! AVX-512 VNNI; the block path where the CPU lacks it) and, for reference, prepacked bf16
+//! AVX-512 VNNI; the block path where the CPU lacks it), the int8 path on 8-bit weights
+//! (groups of `--q8-group-size`) and, for reference, prepacked bf16
 //! weights (what the model uses), best of `--reps` calls each, interleaved so that a slow
 //! phase of a shared machine hits all of them alike.
 //!
@@ -29,6 +30,9 @@ struct Args {
     /// Rows of `x` to time.
     #[arg(long, value_delimiter = ',', default_value = "1,16,24,32,64,256")]
     rows: Vec<usize>,
+    /// Group size of the 8-bit weights (the int8 q8 column).
+    #[arg(long, default_value_t = 64)]
+    q8_group_size: usize,
     /// Calls per algorithm (the best is reported).
     #[arg(long, default_value_t = 15)]
     reps: usize,
@@ -42,16 +46,23 @@ fn main() -> Result<()> {
         .collect();
     let dense = Matrix::from_f32(n, k, values)?;
     let q4 = QuantizedTensor::from_matrix(&dense, CompressionConfig::WEIGHT_4BIT)?;
+    let q8 = QuantizedTensor::from_matrix(
+        &dense,
+        CompressionConfig {
+            group_size: args.q8_group_size,
+            ..CompressionConfig::WEIGHT_8BIT
+        },
+    )?;
     let bf16 = dense.to_dtype(DType::BF16).prepack();
     let level = simd_level();
     println!(
-        "| n x k | m | fused q4 | fixed-point q4 | block path q4 | int8 q4 | bf16 prepacked |"
+        "| n x k | m | fused q4 | fixed-point q4 | block path q4 | int8 q4 | int8 q8 | bf16 prepacked |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for &m in &args.rows {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 97) as f32 * 1e-2).collect();
         let mut y = vec![0f32; m * n];
-        let mut best = [f64::MAX; 5];
+        let mut best = [f64::MAX; 6];
         for _ in 0..args.reps {
             for (which, slot) in best.iter_mut().enumerate() {
                 let t = Instant::now();
@@ -62,6 +73,7 @@ fn main() -> Result<()> {
                     }
                     2 => linear_packed_path(level, PackedPath::Blocks, &x, m, &q4, None, &mut y)?,
                     3 => linear_packed_path(level, PackedPath::Int8, &x, m, &q4, None, &mut y)?,
+                    4 => linear_packed_path(level, PackedPath::Int8, &x, m, &q8, None, &mut y)?,
                     _ => kernels::linear_prepacked(&x, m, &bf16, None, &mut y)?,
                 }
                 *slot = slot.min(t.elapsed().as_secs_f64());
@@ -69,12 +81,13 @@ fn main() -> Result<()> {
         }
         let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
         println!(
-            "| {n} x {k} | {m} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {n} x {k} | {m} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             gflops(best[0]),
             gflops(best[1]),
             gflops(best[2]),
             gflops(best[3]),
-            gflops(best[4])
+            gflops(best[4]),
+            gflops(best[5])
         );
     }
     println!("(GFLOP/s, best of {} calls each, {level})", args.reps);

@@ -14,12 +14,14 @@
 //!   [`ROW_BLOCK_COLS`]): flexgen-core's packed-panel GEMM asks for one block of `f32`
 //!   weights at a time ([`RowBlocks`]: 256 outputs x 256 inputs, in L2), which the SIMD
 //!   dequantizer writes straight from the codes; each weight is decoded once per call.
-//! - Int8 path (AVX-512 VNNI, `m >= BLOCKS_MIN_M`, 4-bit groups of a multiple of 32 along the
-//!   rows; opt-in, see [`int8_activations_enabled`]): each group of `x` is rounded to bytes with
-//!   its own scale and `vpdpbusd` multiplies them with the packed codes, 16 rows of `x` per
-//!   vector; no weight is decoded. About twice the block path's speed; its error (1/254 of a
-//!   group's largest `|x|` per value, times `|code − 8| · step`) is a small part of what the
-//!   4-bit weights already cause (see `simd::avx512_int8`).
+//! - Int8 path (AVX-512 VNNI, `m >= BLOCKS_MIN_M`, 4-bit or 8-bit groups of a multiple of 32
+//!   along the rows; opt-in, see [`int8_activations_enabled`]): each group of `x` is rounded to
+//!   bytes with its own scale and `vpdpbusd` multiplies them with the packed codes, 16 rows of
+//!   `x` per vector; no weight is decoded. About twice the block path's speed; its error (1/254
+//!   of a group's largest `|x|` per value, times `|code − c| · step`, `c` the middle code) is a
+//!   small part of what the weights' own rounding already causes (see `simd::avx512_int8`).
+//!   Each group's integer sums are scaled into `f32` once, so larger groups (8-bit codes in
+//!   groups of 256) run faster than FlexGen's 64.
 //! - Panel path (other levels or layouts, larger `m`): panels of rows are dequantized into an
 //!   `f32` buffer (tens of MiB, never the whole matrix) and multiplied with flexgen-core's
 //!   `linear`, FlexGen's "decompress then compute" per panel.
@@ -68,9 +70,10 @@ pub enum PackedPath {
     /// flexgen-core's packed-panel GEMM on blocks decoded on demand (falls back to the panel
     /// path where [`blocks_supported`] is false).
     Blocks,
-    /// `x` rounded to 8 bits per group and byte products straight from the codes (AVX-512
-    /// VNNI); falls back to [`PackedPath::Blocks`] where [`int8_supported`] is false or `x`
-    /// holds a value that is not finite. See [`int8_activations_enabled`].
+    /// `x` rounded to 8 bits per group and byte products straight from the 4-bit or 8-bit
+    /// codes (AVX-512 VNNI); falls back to [`PackedPath::Blocks`] (or the panel path) where
+    /// [`int8_supported`] is false or `x` holds a value that is not finite. See
+    /// [`int8_activations_enabled`].
     Int8,
 }
 
@@ -98,8 +101,8 @@ pub fn fixed_point_supported(level: SimdLevel, w: &QuantizedTensor) -> bool {
     }
 }
 
-/// Whether [`PackedPath::Int8`] runs for `w` at `level`: AVX-512 with VNNI, 4-bit codes
-/// grouped along the rows in groups of a multiple of 32.
+/// Whether [`PackedPath::Int8`] runs for `w` at `level`: AVX-512 with VNNI, 4-bit or 8-bit
+/// codes grouped along the rows in groups of a multiple of 32.
 pub fn int8_supported(level: SimdLevel, w: &QuantizedTensor) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -163,9 +166,10 @@ static INT8_ACTIVATIONS: EnvSwitch = EnvSwitch::new("FLEXGEN_INT8_ACTIVATIONS", 
 /// [`set_int8_activations`]`(true)`.
 ///
 /// On, each group of an `x` row is rounded to 8 bits with its own scale: an error of at most
-/// `|step| · 8 · |x − x̂|` per weight with `|x − x̂| <= ` 1/254 of the group's largest `|x|`
-/// (the 4-bit weights' own rounding is up to `step / 2` per weight). About twice the
-/// multiply-add rate of the `f32` block path on CPUs with AVX-512 VNNI.
+/// `|step| · c · |x − x̂|` per weight with `|x − x̂| <= ` 1/254 of the group's largest `|x|`
+/// and `c` the middle code (8 for 4-bit weights, 128 for 8-bit ones; the weights' own
+/// rounding is up to `step / 2` per weight). About twice the multiply-add rate of the `f32`
+/// block path on CPUs with AVX-512 VNNI.
 pub fn int8_activations_enabled() -> bool {
     INT8_ACTIVATIONS.get()
 }
@@ -234,13 +238,11 @@ pub fn linear_packed_with_level(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    let path = if blocks_supported(level, w) {
+    let path = if m >= BLOCKS_MIN_M && int8_activations_enabled() && int8_supported(level, w) {
+        PackedPath::Int8
+    } else if blocks_supported(level, w) {
         if m >= BLOCKS_MIN_M {
-            if int8_activations_enabled() && int8_supported(level, w) {
-                PackedPath::Int8
-            } else {
-                PackedPath::Blocks
-            }
+            PackedPath::Blocks
         } else if fixed_point_enabled() && fixed_point_supported(level, w) {
             PackedPath::FixedPoint
         } else {
@@ -400,7 +402,7 @@ fn int8(w: Rows<'_>, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32])
         use crate::simd::avx512_int8::{gemm, Int8X};
         // This thread's rounded `x`, reused across calls.
         with_reused(&INT8_X, |xq: &mut Int8X| {
-            if !xq.requantize(x, m, w.cols, w.gs) {
+            if !xq.requantize(x, m, w.cols, w.gs, w.bits) {
                 return false;
             }
             // SAFETY: `int8_supported` checked AVX-512 + VNNI and the format.
@@ -853,6 +855,15 @@ mod tests {
                 group_size: 128,
                 ..CompressionConfig::WEIGHT_4BIT
             },
+            // 8-bit codes in groups that the block path does not take (not dividing 256).
+            CompressionConfig {
+                group_size: 320,
+                ..CompressionConfig::WEIGHT_8BIT
+            },
+            CompressionConfig {
+                group_size: 256,
+                ..CompressionConfig::WEIGHT_8BIT
+            },
             CompressionConfig::FLEXGEN_WEIGHT,
         ] {
             let (n, k) = (300, 1000);
@@ -959,7 +970,7 @@ mod tests {
                  proptest::collection::vec(-1.0f32..1.0, n * k),
                  proptest::collection::vec(-1.0f32..1.0, n))
             }),
-            fmt in 0usize..5,
+            fmt in 0usize..6,
             with_bias in any::<bool>(),
         ) {
             let cfg = [
@@ -967,6 +978,7 @@ mod tests {
                 CompressionConfig::WEIGHT_8BIT,
                 CompressionConfig { group_size: 32, ..CompressionConfig::WEIGHT_4BIT },
                 CompressionConfig { group_size: 16, symmetric: true, ..CompressionConfig::WEIGHT_8BIT },
+                CompressionConfig { group_size: 96, ..CompressionConfig::WEIGHT_8BIT },
                 CompressionConfig { num_bits: 2, group_size: 12, ..CompressionConfig::WEIGHT_4BIT },
             ][fmt];
             let w = QuantizedTensor::compress(&wd, &[n, k], cfg).unwrap();

@@ -1,4 +1,4 @@
-//! AVX-512 VNNI GEMM for 4-bit rows at large `m`: `x` rounded to 8 bits per group.
+//! AVX-512 VNNI GEMM for 4-bit and 8-bit rows at large `m`: `x` rounded to 8 bits per group.
 //!
 //! The block path decodes every weight to `f32` and runs an `f32` GEMM: 16 multiply-adds per
 //! FMA, two FMAs per cycle. `vpdpbusd` does 64 byte products per instruction, one per cycle
@@ -8,32 +8,36 @@
 //! kernel of [`super::avx512_fixed`] does with 16-bit `q`,
 //!
 //! ```text
-//! Σ_l W[r, l] · x[l] ≈ Σ_g  step_g · (s_g · Σ_{l∈g} code_l · q_l  +  8 · Σ_{l∈g} (x[l] − x̂[l]))
+//! Σ_l W[r, l] · x[l] ≈ Σ_g  step_g · (s_g · Σ_{l∈g} code_l · q_l  +  c · Σ_{l∈g} (x[l] − x̂[l]))
 //!                          + min_g · Σ_{l∈g} x[l]
 //! ```
 //!
-//! with the inner sum exact in `i32`. The error is `step · Σ (code − 8) · (x̂ − x)`, with
-//! `|x − x̂| <= s / 2`, 1/254 of the group's largest `|x|`: for 4-bit weights, a small part
-//! of the error the weights' own rounding (`step / 2` per weight) already causes.
-//! [`error_bound`] (tests) states the bound per output.
+//! with the inner sum exact in `i32` and `c` the middle code (8 for 4-bit codes, 128 for
+//! 8-bit ones). The error is `step · Σ (code − c) · (x̂ − x)`, with `|x − x̂| <= s / 2`, 1/254
+//! of the group's largest `|x|`: a small part of the error the weights' own rounding
+//! (`step / 2` per weight) already causes. [`error_bound`] (tests) states the bound per
+//! output.
 //!
 //! Unlike the fixed-point kernel, this one vectorises over rows of `x`, not over weights: a
 //! lane holds one row of `x`, and a tile of [`OUTS`] weight rows times [`VECS`] vectors of
 //! [`LANES`] `x` rows keeps `OUTS · VECS` accumulators. Each step broadcasts 4 code bytes of
-//! one weight row (8 codes: 4 under the low nibbles, 4 under the high ones), masks them into
-//! two vectors of byte codes, and multiplies them with the matching 4 values of 16 `x` rows.
-//! The codes are read in their packed form, once per tile of 32 rows of `x`; nothing is
-//! decoded into a buffer. At a group's end the integer sums are scaled into `f32`
+//! one weight row and multiplies them with the matching values of 16 `x` rows. With 4-bit
+//! codes the 4 bytes hold 8 codes (4 under the low nibbles, 4 under the high ones), masked
+//! into two vectors of byte codes; 8-bit codes are bytes already, 4 values per step, and need
+//! no unpacking. The codes are read in their packed form, once per tile of 32 rows of `x`;
+//! nothing is decoded into a buffer. At a group's end the integer sums are scaled into `f32`
 //! accumulators. Every output is summed in the same order (bias, then group by group)
 //! whatever the tile, thread split or number of rows, so a row's result does not depend on
 //! the other rows in the call.
 //!
 //! Layout of the quantized `x` ([`Int8X`]): rows in vectors of [`LANES`]; for vector `v` and
-//! group `g`, `16 · gs` bytes: for each step `d < gs / 8`, 64 bytes holding, for each row `t`
-//! of the vector, bytes `4t .. 4t + 4` = values `g · gs + 4d + (0..4)` (the low nibbles of
-//! code bytes `4d .. 4d + 4`), then 64 bytes with the values `gb` further (the high nibbles;
-//! `gb = gs / 2`, the split packing of [`crate::codec`]). Per vector and group, 48 `f32`:
-//! `s` of the 16 rows, then `8 · Σ (x − x̂)`, then `Σ x`.
+//! group `g`, `16 · gs` bytes. For 4-bit weights: for each step `d < gs / 8`, 64 bytes
+//! holding, for each row `t` of the vector, bytes `4t .. 4t + 4` = values
+//! `g · gs + 4d + (0..4)` (the low nibbles of code bytes `4d .. 4d + 4`), then 64 bytes with
+//! the values `gb` further (the high nibbles; `gb = gs / 2`, the split packing of
+//! [`crate::codec`]). For 8-bit weights: for each step `d < gs / 4`, 64 bytes holding, for
+//! row `t`, values `g · gs + 4d + (0..4)`. Per vector and group, 48 `f32`: `s` of the 16
+//! rows, then `c · Σ (x − x̂)`, then `Σ x`.
 
 use std::arch::x86_64::*;
 
@@ -50,19 +54,25 @@ pub(crate) const OUTS: usize = 6;
 pub(crate) const VECS: usize = 2;
 /// Largest `|q|`.
 const Q_MAX: f32 = 127.0;
-/// The code the rounding of `x` is measured from (the middle of `0 ..= 15`).
-const CODE_CENTER: f32 = 8.0;
-/// `f32` per vector and group in [`Int8X::params`]: `s`, `8 · Σ (x − x̂)`, `Σ x`.
+
+/// The code the rounding of `x` is measured from: the middle of `0 ..= 2^bits − 1` (8 for
+/// 4-bit codes, 128 for 8-bit ones).
+fn code_center(bits: u8) -> f32 {
+    f32::from(1u16 << (bits - 1))
+}
+
+/// `f32` per vector and group in [`Int8X::params`]: `s`, `c · Σ (x − x̂)`, `Σ x`.
 const PARAMS: usize = 3 * LANES;
 
 /// Whether this CPU has AVX-512 VNNI (on top of the AVX-512 level), as the fixed-point kernel
 /// needs.
 pub(crate) use super::avx512_fixed::available;
 
-/// Whether the kernel handles `w`'s format: 4-bit codes in groups of a multiple of 32 values
-/// (so that a step's 4 code bytes lie in one group and 16 values of `x` in one half).
+/// Whether the kernel handles `w`'s format: 4-bit or 8-bit codes in groups of a multiple of
+/// 32 values (so that a step's 4 code bytes lie in one group and, for 4-bit codes, 16 values
+/// of `x` in one half).
 pub(crate) fn supports(w: &Rows<'_>) -> bool {
-    w.bits == 4 && w.gs.is_multiple_of(32)
+    (w.bits == 4 || w.bits == 8) && w.gs.is_multiple_of(32)
 }
 
 /// `m` rows of `x` rounded to bytes per group, laid out for the kernel (module docs).
@@ -78,6 +88,8 @@ pub(crate) struct Int8X {
     cols: usize,
     /// Values per group.
     gs: usize,
+    /// Bits of the weight codes this layout is for (4 or 8).
+    bits: u8,
 }
 
 impl Int8X {
@@ -89,6 +101,7 @@ impl Int8X {
             m: 0,
             cols: 0,
             gs: 0,
+            bits: 4,
         }
     }
 
@@ -103,15 +116,27 @@ impl Int8X {
     }
 
     /// Rounds `m` rows of `cols` values (`x.len() >= m * cols`) in groups of `gs` (a positive
-    /// multiple of 32) into this value's buffers, which keep their capacity across calls.
-    /// Vectors of rows are rounded in parallel. `false` when a value is not finite (the
-    /// contents are then unspecified).
+    /// multiple of 32) into this value's buffers, laid out for weights with `bits`-bit codes
+    /// (4 or 8); the buffers keep their capacity across calls. Vectors of rows are rounded in
+    /// parallel. `false` when a value is not finite (the contents are then unspecified).
     ///
     /// # Panics
-    /// If `gs` is not a positive multiple of 32 or `x` is shorter than `m * cols`.
-    pub(crate) fn requantize(&mut self, x: &[f32], m: usize, cols: usize, gs: usize) -> bool {
+    /// If `gs` is not a positive multiple of 32, `bits` is not 4 or 8, or `x` is shorter than
+    /// `m * cols`.
+    pub(crate) fn requantize(
+        &mut self,
+        x: &[f32],
+        m: usize,
+        cols: usize,
+        gs: usize,
+        bits: u8,
+    ) -> bool {
         assert!(gs > 0 && gs.is_multiple_of(32) && x.len() >= m * cols);
-        (self.m, self.cols, self.gs) = (m, cols, gs);
+        assert!(
+            bits == 4 || bits == 8,
+            "int8 x: no layout for {bits}-bit codes"
+        );
+        (self.m, self.cols, self.gs, self.bits) = (m, cols, gs, bits);
         let groups = self.groups();
         let vectors = self.vectors();
         if vectors == 0 || groups == 0 {
@@ -131,14 +156,14 @@ impl Int8X {
                 let rows = &x[first * cols..(first + LANES).min(m) * cols];
                 // SAFETY: only reached on CPUs that passed `available` (AVX-512 F/BW/VL);
                 // the slices have the sizes `quantize_vector` asks for.
-                unsafe { quantize_vector(rows, cols, gs, parts, params) }
+                unsafe { quantize_vector(rows, cols, gs, bits, parts, params) }
             })
     }
 }
 
 /// Rounds the rows of one vector (`rows`: up to 16 rows of `cols` values) into its bytes
-/// (`parts`, `groups · 16 · gs`) and parameters (`params`, `groups ·` [`PARAMS`]); `false` if
-/// a value is not finite.
+/// (`parts`, `groups · 16 · gs`, laid out for `bits`-bit codes) and parameters (`params`,
+/// `groups ·` [`PARAMS`]); `false` if a value is not finite.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL. Sizes are checked with a panic.
@@ -147,6 +172,7 @@ unsafe fn quantize_vector(
     rows: &[f32],
     cols: usize,
     gs: usize,
+    bits: u8,
     parts: &mut [i8],
     params: &mut [f32],
 ) -> bool {
@@ -176,12 +202,12 @@ unsafe fn quantize_vector(
             let block = &mut parts[g * LANES * gs..(g + 1) * LANES * gs];
             // SAFETY: as this function's contract; `vals` holds `gs` values and `block`
             // `16 · gs` bytes.
-            let Some((s, sum, residual)) = (unsafe { quantize_group(vals, t, block) }) else {
+            let Some((s, sum, residual)) = (unsafe { quantize_group(vals, t, bits, block) }) else {
                 return false;
             };
             let p = g * PARAMS + t;
             params[p] = s;
-            params[p + LANES] = CODE_CENTER * residual;
+            params[p + LANES] = code_center(bits) * residual;
             params[p + 2 * LANES] = sum;
         }
     }
@@ -189,14 +215,20 @@ unsafe fn quantize_vector(
 }
 
 /// Rounds one group of a row (`vals`, `gs` values) to bytes and writes them for row `t` of
-/// its vector into `block` (the vector's `16 · gs` bytes of this group); returns
+/// its vector into `block` (the vector's `16 · gs` bytes of this group, laid out for
+/// `bits`-bit codes: split into halves for 4 bits, in order for 8); returns
 /// `(s, Σ vals, Σ (vals − q · s))`, or `None` if a value is not finite.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL. `vals.len()` must be a multiple of 32,
 /// `block.len() >= 16 · vals.len()` and `t < 16` (checked with a panic).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn quantize_group(vals: &[f32], t: usize, block: &mut [i8]) -> Option<(f32, f32, f32)> {
+unsafe fn quantize_group(
+    vals: &[f32],
+    t: usize,
+    bits: u8,
+    block: &mut [i8],
+) -> Option<(f32, f32, f32)> {
     let gs = vals.len();
     assert!(gs.is_multiple_of(32) && block.len() >= LANES * gs && t < LANES);
     let v = vals.as_ptr();
@@ -222,11 +254,16 @@ unsafe fn quantize_group(vals: &[f32], t: usize, block: &mut [i8]) -> Option<(f3
         let mut bytes = [0i32; 4];
         // SAFETY: 16 bytes into a 16-byte array.
         unsafe { _mm_storeu_si128(bytes.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
-        // Values `j .. j + 16` lie in one half (gb is a multiple of 16): 4 steps of 4.
-        let (half, jj) = (j / gb, j % gb);
         for (k, &four) in bytes.iter().enumerate() {
-            let at = (jj / 4 + k) * 128 + half * 64 + 4 * t;
-            // SAFETY: `at + 4 <= (gb / 4) * 128 = 16 · gs <= block.len()`.
+            let at = if bits == 4 {
+                // Values `j .. j + 16` lie in one half (gb is a multiple of 16): 4 steps of 4.
+                let (half, jj) = (j / gb, j % gb);
+                (jj / 4 + k) * 128 + half * 64 + 4 * t
+            } else {
+                (j / 4 + k) * 64 + 4 * t
+            };
+            // SAFETY: 4-bit: `at + 4 <= (gb / 4) * 128 = 16 · gs`; 8-bit:
+            // `at + 4 <= (gs / 4) * 64 = 16 · gs`; `16 · gs <= block.len()`.
             unsafe { b.add(at).cast::<i32>().write_unaligned(four) };
         }
     }
@@ -314,6 +351,7 @@ unsafe fn gemm_tile_range(
     assert!(
         x.cols == w.cols
             && x.gs == w.gs
+            && x.bits == w.bits
             && supports(w)
             && vecs <= VECS
             && rows <= TASK_ROWS
@@ -334,40 +372,73 @@ unsafe fn gemm_tile_range(
         let o = (r0 + rows - r).min(OUTS);
         let acc = &mut sums[(r - r0) * VECS * LANES..(r - r0 + o) * VECS * LANES];
         // SAFETY: rows `r .. r + o` of `w` and vectors `v0 .. v0 + vecs` of `x` exist
-        // (asserted above); `acc` holds `o` rows of sums.
+        // (asserted above); `acc` holds `o` rows of sums; `x` is laid out for `w.bits`.
         unsafe {
-            match (o, vecs) {
-                (6, 2) => tile::<6, 2>(w, x, v0, r, acc),
-                (5, 2) => tile::<5, 2>(w, x, v0, r, acc),
-                (4, 2) => tile::<4, 2>(w, x, v0, r, acc),
-                (3, 2) => tile::<3, 2>(w, x, v0, r, acc),
-                (2, 2) => tile::<2, 2>(w, x, v0, r, acc),
-                (1, 2) => tile::<1, 2>(w, x, v0, r, acc),
-                (6, _) => tile::<6, 1>(w, x, v0, r, acc),
-                (5, _) => tile::<5, 1>(w, x, v0, r, acc),
-                (4, _) => tile::<4, 1>(w, x, v0, r, acc),
-                (3, _) => tile::<3, 1>(w, x, v0, r, acc),
-                (2, _) => tile::<2, 1>(w, x, v0, r, acc),
-                _ => tile::<1, 1>(w, x, v0, r, acc),
+            if w.bits == 8 {
+                tile_any::<true>(o, vecs, w, x, v0, r, acc)
+            } else {
+                tile_any::<false>(o, vecs, w, x, v0, r, acc)
             }
         }
         r += o;
     }
+    // Each output row's `rows` values are gathered from `sums` (in L1) into `line` and
+    // written contiguously: whole cache lines in order, not one value per row of `out`.
     let n = w.rows;
-    for (j, row) in sums.chunks_exact(VECS * LANES).take(rows).enumerate() {
-        for (u, lanes) in row.chunks_exact(LANES).take(vecs).enumerate() {
-            let first = (v0 + u) * LANES;
-            for (t, &val) in lanes.iter().enumerate().take(x.m.saturating_sub(first)) {
-                // SAFETY: row `first + t < x.m`, column `r0 + j < n`: inside the caller's
-                // `x.m · n` outputs, which this call alone writes.
-                unsafe { *out.add((first + t) * n + r0 + j) = val };
+    let mut line = [0f32; TASK_ROWS];
+    for u in 0..vecs {
+        let first = (v0 + u) * LANES;
+        for t in 0..LANES.min(x.m.saturating_sub(first)) {
+            for (j, v) in line[..rows].iter_mut().enumerate() {
+                *v = sums[(j * VECS + u) * LANES + t];
             }
+            // SAFETY: row `first + t < x.m`, columns `r0 .. r0 + rows <= n`: inside the
+            // caller's `x.m · n` outputs, of which this call alone writes these.
+            unsafe {
+                std::ptr::copy_nonoverlapping(line.as_ptr(), out.add((first + t) * n + r0), rows)
+            };
+        }
+    }
+}
+
+/// [`tile`] for `o <= OUTS` weight rows and `vecs <= VECS` vectors, chosen at run time.
+///
+/// # Safety
+/// As [`tile`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_any<const EIGHT: bool>(
+    o: usize,
+    vecs: usize,
+    w: &Rows<'_>,
+    x: &Int8X,
+    v: usize,
+    r: usize,
+    acc: &mut [f32],
+) {
+    // SAFETY: the caller's contract, for the shape it asks for.
+    unsafe {
+        match (o, vecs) {
+            (6, 2) => tile::<6, 2, EIGHT>(w, x, v, r, acc),
+            (5, 2) => tile::<5, 2, EIGHT>(w, x, v, r, acc),
+            (4, 2) => tile::<4, 2, EIGHT>(w, x, v, r, acc),
+            (3, 2) => tile::<3, 2, EIGHT>(w, x, v, r, acc),
+            (2, 2) => tile::<2, 2, EIGHT>(w, x, v, r, acc),
+            (1, 2) => tile::<1, 2, EIGHT>(w, x, v, r, acc),
+            (6, _) => tile::<6, 1, EIGHT>(w, x, v, r, acc),
+            (5, _) => tile::<5, 1, EIGHT>(w, x, v, r, acc),
+            (4, _) => tile::<4, 1, EIGHT>(w, x, v, r, acc),
+            (3, _) => tile::<3, 1, EIGHT>(w, x, v, r, acc),
+            (2, _) => tile::<2, 1, EIGHT>(w, x, v, r, acc),
+            _ => tile::<1, 1, EIGHT>(w, x, v, r, acc),
         }
     }
 }
 
 /// One tile: weight rows `r .. r + O`, `x` vectors `v .. v + V`, adding to the sums in `acc`
-/// (`O` rows of `VECS · LANES`, as in [`gemm_tile_range`]).
+/// (`O` rows of `VECS · LANES`, as in [`gemm_tile_range`]); `EIGHT` = 8-bit codes (else
+/// 4-bit).
 ///
 /// # Safety
 /// As [`gemm_tile_range`], for these rows and vectors (which must exist);
@@ -375,7 +446,7 @@ unsafe fn gemm_tile_range(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile<const O: usize, const V: usize>(
+unsafe fn tile<const O: usize, const V: usize, const EIGHT: bool>(
     w: &Rows<'_>,
     x: &Int8X,
     v: usize,
@@ -383,8 +454,7 @@ unsafe fn tile<const O: usize, const V: usize>(
     acc_buf: &mut [f32],
 ) {
     assert!(acc_buf.len() >= O * VECS * LANES && V <= VECS);
-    let (gs, groups) = (w.gs, w.groups());
-    let (gb, steps) = (gs / 2, gs / 8);
+    let (gs, groups, gb) = (w.gs, w.groups(), w.group_bytes());
     let codes = w.codes.as_ptr().wrapping_add(r * w.code_stride);
     let wp = w.params.as_ptr().wrapping_add(r * w.param_stride);
     let xq = x.parts.as_ptr().wrapping_add(v * groups * LANES * gs);
@@ -399,35 +469,61 @@ unsafe fn tile<const O: usize, const V: usize>(
     }
     for g in 0..groups {
         let mut sums = [[_mm512_setzero_si512(); V]; O];
-        for d in 0..steps {
-            let mut lo_x = [_mm512_setzero_si512(); V];
-            let mut hi_x = [_mm512_setzero_si512(); V];
-            for u in 0..V {
-                // SAFETY: vector `v + u`, group `g`, step `d` lies inside `parts`.
-                unsafe {
-                    let p = xq.add(((u * groups + g) * LANES * gs) + d * 128);
-                    lo_x[u] = _mm512_loadu_si512(p.cast());
-                    hi_x[u] = _mm512_loadu_si512(p.add(64).cast());
+        if EIGHT {
+            for d in 0..gs / 4 {
+                let mut xv = [_mm512_setzero_si512(); V];
+                for u in 0..V {
+                    // SAFETY: vector `v + u`, group `g`, step `d` lies inside `parts`.
+                    xv[u] = unsafe {
+                        _mm512_loadu_si512(xq.add(((u * groups + g) * LANES * gs) + d * 64).cast())
+                    };
+                }
+                for o in 0..O {
+                    // SAFETY: code bytes `g · gs + 4d .. + 4` of row `r + o` lie in the row
+                    // (`4d + 4 <= gs`).
+                    let four = unsafe {
+                        codes
+                            .add(o * w.code_stride + g * gb + 4 * d)
+                            .cast::<i32>()
+                            .read_unaligned()
+                    };
+                    let b = _mm512_set1_epi32(four);
+                    for u in 0..V {
+                        sums[o][u] = _mm512_dpbusd_epi32(sums[o][u], b, xv[u]);
+                    }
                 }
             }
-            for o in 0..O {
-                // SAFETY: code bytes `g · gb + 4d .. + 4` of row `r + o` lie in the row
-                // (`4d + 4 <= gb`).
-                let four = unsafe {
-                    codes
-                        .add(o * w.code_stride + g * gb + 4 * d)
-                        .cast::<i32>()
-                        .read_unaligned()
-                };
-                let b = _mm512_set1_epi32(four);
-                let lo = _mm512_and_si512(b, nibble);
-                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(b), nibble);
+        } else {
+            for d in 0..gs / 8 {
+                let mut lo_x = [_mm512_setzero_si512(); V];
+                let mut hi_x = [_mm512_setzero_si512(); V];
                 for u in 0..V {
-                    sums[o][u] = _mm512_dpbusd_epi32(
-                        _mm512_dpbusd_epi32(sums[o][u], lo, lo_x[u]),
-                        hi,
-                        hi_x[u],
-                    );
+                    // SAFETY: vector `v + u`, group `g`, step `d` lies inside `parts`.
+                    unsafe {
+                        let p = xq.add(((u * groups + g) * LANES * gs) + d * 128);
+                        lo_x[u] = _mm512_loadu_si512(p.cast());
+                        hi_x[u] = _mm512_loadu_si512(p.add(64).cast());
+                    }
+                }
+                for o in 0..O {
+                    // SAFETY: code bytes `g · gb + 4d .. + 4` of row `r + o` lie in the row
+                    // (`4d + 4 <= gb`).
+                    let four = unsafe {
+                        codes
+                            .add(o * w.code_stride + g * gb + 4 * d)
+                            .cast::<i32>()
+                            .read_unaligned()
+                    };
+                    let b = _mm512_set1_epi32(four);
+                    let lo = _mm512_and_si512(b, nibble);
+                    let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(b), nibble);
+                    for u in 0..V {
+                        sums[o][u] = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(sums[o][u], lo, lo_x[u]),
+                            hi,
+                            hi_x[u],
+                        );
+                    }
                 }
             }
         }
@@ -467,11 +563,11 @@ unsafe fn tile<const O: usize, const V: usize>(
 
 /// The largest difference, for `x` row `i` and output `r` (`out[i * n + r]`), between this
 /// kernel and exact arithmetic on the dequantized weight that the rounding of `x` can cause:
-/// `Σ_g |step_g| · 8 · gs · s_g / 2` (`|code − 8| <= 8`, `|x − x̂| <= s / 2`).
+/// `Σ_g |step_g| · c · gs · s_g / 2` (`|code − c| <= c`, `|x − x̂| <= s / 2`).
 #[cfg(test)]
 pub(crate) fn error_bound(w: &Rows<'_>, x: &[f32], m: usize) -> Vec<f32> {
     let mut xq = Int8X::new();
-    assert!(xq.requantize(x, m, w.cols, w.gs), "finite x");
+    assert!(xq.requantize(x, m, w.cols, w.gs, w.bits), "finite x");
     let groups = w.groups();
     let mut out = vec![0f32; m * w.rows];
     for i in 0..m {
@@ -480,7 +576,7 @@ pub(crate) fn error_bound(w: &Rows<'_>, x: &[f32], m: usize) -> Vec<f32> {
                 .map(|g| {
                     let step = w.params[r * w.param_stride + 2 * g].to_f32().abs();
                     let s = xq.params[((i / LANES) * groups + g) * PARAMS + i % LANES];
-                    step * CODE_CENTER * w.gs as f32 * s / 2.0
+                    step * code_center(w.bits) * w.gs as f32 * s / 2.0
                 })
                 .sum();
         }
@@ -502,6 +598,9 @@ mod tests {
     fn byte_at(xq: &Int8X, i: usize, g: usize, j: usize) -> i8 {
         let (gs, gb) = (xq.gs, xq.gs / 2);
         let base = ((i / LANES) * xq.groups() + g) * LANES * gs;
+        if xq.bits == 8 {
+            return xq.parts[base + (j / 4) * 64 + 4 * (i % LANES) + j % 4];
+        }
         let (half, jj) = (j / gb, j % gb);
         xq.parts[base + (jj / 4) * 128 + half * 64 + 4 * (i % LANES) + jj % 4]
     }
@@ -517,25 +616,29 @@ mod tests {
             return;
         }
         let mut xq = Int8X::new();
-        for &(m, n, cols, gs) in &[
+        let shapes = [
             (1, 7, 64, 64),
             (17, 13, 200, 64),
             (33, 100, 256, 32),
             (70, 29, 384, 128),
-        ] {
+        ];
+        for (&(m, n, cols, gs), bits) in shapes.iter().flat_map(|s| [(s, 4), (s, 8)]) {
             let cfg = CompressionConfig {
+                num_bits: bits,
                 group_size: gs,
                 ..CompressionConfig::WEIGHT_4BIT
             };
+            let centre = f64::from(code_center(bits));
             let w = QuantizedTensor::compress(&pattern(n * cols, 3), &[n, cols], cfg).unwrap();
             let rows = row_view(&w).unwrap();
             let wf = w.decompress();
             let x = pattern(m * cols, 5);
             let bias = pattern(n, 9);
-            assert!(xq.requantize(&x, m, cols, gs));
+            assert!(xq.requantize(&x, m, cols, gs, bits));
             for b in [None, Some(&bias[..])] {
                 let mut got = vec![f32::NAN; m * n];
-                // SAFETY: `available` was checked; the format is 4-bit with gs % 32 == 0.
+                // SAFETY: `available` was checked; the format is 4- or 8-bit with
+                // gs % 32 == 0.
                 unsafe { gemm(&rows, &xq, b, &mut got) };
                 let groups = cols.div_ceil(gs);
                 for i in 0..m {
@@ -553,7 +656,7 @@ mod tests {
                                 let xh = f64::from(byte_at(&xq, i, g, l - g * gs)) * s;
                                 // `min` multiplies the exact `x`; the rest the rounded one.
                                 let term = f64::from(wf[r * cols + l]) * xh
-                                    + (min + 8.0 * step) * (xv - xh);
+                                    + (min + centre * step) * (xv - xh);
                                 want += term;
                                 mag += term.abs() + (f64::from(wf[r * cols + l]) * xv).abs();
                             }
@@ -561,7 +664,8 @@ mod tests {
                         let got = f64::from(got[i * n + r]);
                         assert!(
                             (got - want).abs() <= 1e-5 * mag.max(1.0),
-                            "m {m} n {n} cols {cols} gs {gs}: row {i} out {r}: {got} vs {want}"
+                            "{bits}-bit m {m} n {n} cols {cols} gs {gs}: row {i} out {r}: \
+                             {got} vs {want}"
                         );
                     }
                 }
@@ -576,12 +680,11 @@ mod tests {
         }
         let mut xq = Int8X::new();
         // Larger first, then a ragged shape on the same buffers.
-        for (n, &(m, cols, gs)) in [(37, 256, 64), (5, 200, 64), (3, 96, 32), (17, 250, 128)]
-            .iter()
-            .enumerate()
-        {
+        let shapes = [(37, 256, 64), (5, 200, 64), (3, 96, 32), (17, 250, 128)];
+        let cases = shapes.iter().flat_map(|s| [(s, 4), (s, 8)]).enumerate();
+        for (n, (&(m, cols, gs), bits)) in cases {
             let x = pattern(m * cols, n);
-            assert!(xq.requantize(&x, m, cols, gs));
+            assert!(xq.requantize(&x, m, cols, gs, bits));
             let groups = cols.div_ceil(gs);
             for i in 0..m {
                 for g in 0..groups {
@@ -603,7 +706,8 @@ mod tests {
                         assert_eq!(byte_at(&xq, i, g, j), 0, "padding of row {i}");
                     }
                     assert!((sum - vals.iter().sum::<f32>()).abs() <= 1e-4);
-                    assert!((centre - 8.0 * residual).abs() <= 1e-4);
+                    let c = code_center(bits);
+                    assert!((centre - c * residual).abs() <= 1e-4 * c, "{bits}-bit");
                 }
             }
             // Padding rows of the last vector are zero.
@@ -615,6 +719,7 @@ mod tests {
         }
         let mut bad = pattern(2 * 64, 1);
         bad[70] = f32::INFINITY;
-        assert!(!xq.requantize(&bad, 2, 64, 64));
+        assert!(!xq.requantize(&bad, 2, 64, 64, 4));
+        assert!(!xq.requantize(&bad, 2, 64, 64, 8));
     }
 }
