@@ -27,6 +27,7 @@ use flexgen::core::DType;
 use flexgen::offload::search::{self as ps, Choice, ModelShape, Prediction, SearchOptions};
 use flexgen::offload::{BlockShape, OffloadOptions, Policy, Tier};
 use flexgen::opt::{Flow, GenerationConfig, OffloadedOpt, OptConfig};
+use flexgen::quant::CompressionConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// FlexGen's path value meaning "deterministic dummy weights, no files".
@@ -81,9 +82,19 @@ struct Args {
     /// Fraction of value rows decode attention keeps (1.0 = dense).
     #[arg(long, default_value_t = 1.0)]
     attn_sparsity: f64,
-    /// Store 2-D weights 4-bit group-wise quantized (groups of 64 along the input dimension).
+    /// Store 2-D weights group-wise quantized along the input dimension (FlexGen's 4 bits in
+    /// groups of 64 unless --comp-weight-bits / --comp-weight-group-size say otherwise).
     #[arg(long)]
     compress_weight: bool,
+    /// With --compress-weight: bits per weight, 4 or 8 (1 and 2 are accepted, without fast
+    /// kernels).
+    #[arg(long, default_value_t = 4)]
+    comp_weight_bits: u8,
+    /// With --compress-weight: weights per group (one step and minimum each). Larger groups
+    /// with 8 bits (e.g. 256) make --int8-activations faster: x is rounded with one scale per
+    /// group too, and each group's sums are scaled once.
+    #[arg(long, default_value_t = 64)]
+    comp_weight_group_size: usize,
     /// Store the KV cache 4-bit group-wise quantized.
     #[arg(long)]
     compress_cache: bool,
@@ -187,9 +198,21 @@ fn policy(args: &Args) -> Result<Policy> {
         attn_sparsity: args.attn_sparsity,
         compress_weight: args.compress_weight,
         compress_cache: args.compress_cache,
+        comp_weight_config: CompressionConfig {
+            num_bits: args.comp_weight_bits,
+            group_size: args.comp_weight_group_size,
+            ..CompressionConfig::WEIGHT_4BIT
+        },
         ..Policy::default()
     }
     .with_percent(p);
+    let default_config = CompressionConfig::WEIGHT_4BIT;
+    if !args.compress_weight
+        && (args.comp_weight_bits != default_config.num_bits
+            || args.comp_weight_group_size != default_config.group_size)
+    {
+        bail!("--comp-weight-bits and --comp-weight-group-size apply to --compress-weight");
+    }
     policy.validate()?;
     Ok(policy)
 }
@@ -404,7 +427,12 @@ fn main() -> Result<()> {
     let m = Metrics {
         model: args.model.clone(),
         dtype: if policy.compress_weight {
-            format!("{}-bit", policy.comp_weight_config.num_bits)
+            let c = policy.comp_weight_config;
+            if c.group_size == CompressionConfig::WEIGHT_4BIT.group_size {
+                format!("{}-bit", c.num_bits)
+            } else {
+                format!("{}-bit/g{}", c.num_bits, c.group_size)
+            }
         } else {
             first_2d.map_or("?".into(), |d| d.to_string())
         },

@@ -105,6 +105,18 @@ fn impossible_policies_are_rejected_naming_the_number() {
         (vec!["--attn-sparsity", "1.5"], "--attn-sparsity = 1.5"),
         (vec!["--overlap", "maybe"], "expected a boolean"),
         (vec!["--int8-activations"], "add --compress-weight"),
+        (
+            vec!["--comp-weight-bits", "8"],
+            "apply to --compress-weight",
+        ),
+        (
+            vec!["--compress-weight", "--comp-weight-bits", "3"],
+            "num_bits",
+        ),
+        (
+            vec!["--compress-weight", "--comp-weight-group-size", "0"],
+            "group_size",
+        ),
     ] {
         let out = flex_opt(dir.path(), &args);
         assert!(!out.status.success(), "{args:?} was accepted");
@@ -112,6 +124,29 @@ fn impossible_policies_are_rejected_naming_the_number() {
         assert!(err.contains(expect), "{args:?}: {err}");
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// 8-bit weights in groups of 256 with int8 activations (32 rows, so the int8 path runs where
+/// the CPU has AVX-512 VNNI) generate and are reported as such.
+#[test]
+fn eight_bit_weights_with_int8_activations_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = json(&flex_opt(
+        dir.path(),
+        &[
+            "--compress-weight",
+            "--comp-weight-bits",
+            "8",
+            "--comp-weight-group-size",
+            "256",
+            "--int8-activations",
+            "--gpu-batch-size",
+            "32",
+        ],
+    ));
+    assert_eq!(m["dtype"], "8-bit/g256");
+    assert_eq!(m["batch_size"], 32);
+    assert!(m["total_throughput_tok_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

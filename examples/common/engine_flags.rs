@@ -23,6 +23,13 @@ pub struct EngineFlags {
     /// --compress-weight): about 0.28x the memory of f16, faster decoding, some accuracy cost.
     #[arg(long)]
     pub compress_weight: bool,
+    /// With --compress-weight: bits per weight, 4 (default) or 8 (1 and 2 are accepted,
+    /// without fast kernels).
+    #[arg(long)]
+    pub comp_weight_bits: Option<u8>,
+    /// With --compress-weight: weights per group (default 64).
+    #[arg(long)]
+    pub comp_weight_group_size: Option<usize>,
     /// Keep the KV cache 4-bit group-wise quantized (FlexGen's --compress-cache); runs the
     /// model under the offloading runtime (all in memory unless --percent says otherwise).
     #[arg(long)]
@@ -69,6 +76,29 @@ impl EngineFlags {
             .transpose()
     }
 
+    /// The weight compression asked for (`None` without --compress-weight; an error for
+    /// --comp-weight-* without it).
+    pub fn weight_compression(&self) -> Result<Option<CompressionConfig>> {
+        if !self.compress_weight {
+            if self.comp_weight_bits.is_some() || self.comp_weight_group_size.is_some() {
+                anyhow::bail!(
+                    "--comp-weight-bits and --comp-weight-group-size apply to --compress-weight"
+                );
+            }
+            return Ok(None);
+        }
+        let default = CompressionConfig::WEIGHT_4BIT;
+        let config = CompressionConfig {
+            num_bits: self.comp_weight_bits.unwrap_or(default.num_bits),
+            group_size: self.comp_weight_group_size.unwrap_or(default.group_size),
+            ..default
+        };
+        config
+            .validate_for_rank(2)
+            .map_err(|e| anyhow::anyhow!("--compress-weight {config}: {e}"))?;
+        Ok(Some(config))
+    }
+
     /// The offloading policy the flags describe (validated), or `None` for the in-memory path.
     pub fn policy(&self) -> Result<Option<Policy>> {
         if !self.wants_policy() {
@@ -81,6 +111,9 @@ impl EngineFlags {
             overlap: self.overlap.unwrap_or(defaults.overlap),
             compress_weight: self.compress_weight,
             compress_cache: self.compress_cache,
+            comp_weight_config: self
+                .weight_compression()?
+                .unwrap_or(defaults.comp_weight_config),
             ..defaults
         };
         if let Some(p) = &self.percent {
@@ -102,9 +135,7 @@ impl EngineFlags {
         }
         Ok(EngineOptions {
             dtype: self.dtype()?,
-            compress_weight: self
-                .compress_weight
-                .then_some(CompressionConfig::WEIGHT_4BIT),
+            compress_weight: self.weight_compression()?,
             policy: self.policy()?,
             offload,
         })
@@ -115,10 +146,10 @@ impl EngineFlags {
         match &options.policy {
             None => format!(
                 "all in memory{}",
-                if options.compress_weight.is_some() {
-                    ", 4-bit weights"
-                } else {
-                    ""
+                match options.compress_weight {
+                    Some(c) =>
+                        format!(", {}-bit weights in groups of {}", c.num_bits, c.group_size),
+                    None => String::new(),
                 }
             ),
             Some(p) => format!(
@@ -127,9 +158,12 @@ impl EngineFlags {
                 p.gpu_batch_size,
                 p.num_gpu_batches,
                 if p.compress_weight {
-                    " --compress-weight"
+                    format!(
+                        " --compress-weight ({}-bit, groups of {})",
+                        p.comp_weight_config.num_bits, p.comp_weight_config.group_size
+                    )
                 } else {
-                    ""
+                    String::new()
                 },
                 if p.compress_cache {
                     " --compress-cache"

@@ -104,10 +104,13 @@ def run_ct2(ckpt: Path, work: Path, quant: str, batch: int, prompt_len: int, gen
     return prefill, total
 
 
-# flexgen-rs "dtypes" that are flags: 4-bit weights, and 4-bit weights with 8-bit activations.
+# flexgen-rs "dtypes" that are flags: 4-bit weights, 4-bit weights with 8-bit activations
+# (plus a 4-bit KV cache), and 8-bit weights in groups of 256 with 8-bit activations.
 FLEX_FLAGS = {"q4": ["--compress-weight"],
               "q4-int8": ["--compress-weight", "--int8-activations"],
-              "q4-int8-cc": ["--compress-weight", "--int8-activations", "--compress-cache"]}
+              "q4-int8-cc": ["--compress-weight", "--int8-activations", "--compress-cache"],
+              "q8g256-int8": ["--compress-weight", "--comp-weight-bits", "8",
+                              "--comp-weight-group-size", "256", "--int8-activations"]}
 
 
 def run_flex(flex_opt: str, ckpt: Path, dtype: str, batch: int, prompt_len: int, gen_len: int):
@@ -131,8 +134,9 @@ def main():
     ap.add_argument("--engines", default="flexgen-rs q4-int8,flexgen-rs q4,flexgen-rs bf16,flexgen-rs f16,"
                     "flexgen-rs f32,hf bf16,hf fp32,ct2 int8,ct2 float32",
                     help="comma separated 'engine dtype'; flexgen-rs takes f32, f16, bf16, q4 "
-                    "(--compress-weight), q4-int8 (plus --int8-activations) and q4-int8-cc (plus "
-                    "--compress-cache)")
+                    "(--compress-weight), q4-int8 (plus --int8-activations), q4-int8-cc (plus "
+                    "--compress-cache) and q8g256-int8 (8-bit weights in groups of 256, plus "
+                    "--int8-activations)")
     ap.add_argument("--skip", default="hf fp32@32",
                     help="engine@batch pairs to skip (comma separated), too slow to be useful")
     args = ap.parse_args()
