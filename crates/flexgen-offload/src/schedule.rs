@@ -114,6 +114,14 @@ pub struct Runtime {
     /// charge on the compute tier.
     spare: Vec<Tensor>,
     spare_charge: Option<Charge>,
+    /// The RAM-homed KV cache planes of the block run last, reused (zeroed) by the next
+    /// block if it has the same micro-batch rows and capacity (so exactly these planes): a
+    /// repeated block (a benchmark after its warm-up, a server's next request of the same
+    /// shape) does not fault its cache's pages in again. A block of another shape frees them
+    /// before it allocates.
+    spare_cache: Vec<PlaneBuf>,
+    /// The `(rows, capacity)` of the block that left `spare_cache`.
+    spare_cache_shape: (Vec<usize>, usize),
     blocks_run: usize,
     dir: OffloadDir,
 }
@@ -180,6 +188,8 @@ impl Runtime {
             stats,
             spare: Vec::new(),
             spare_charge: None,
+            spare_cache: Vec::new(),
+            spare_cache_shape: (Vec::new(), 0),
             blocks_run: 0,
             dir,
         })
@@ -188,6 +198,15 @@ impl Runtime {
     /// The policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Bytes of KV cache buffers kept from the last block for the next block of the same
+    /// shape (not charged to a tier between blocks; freed by a block of another shape).
+    pub fn spare_cache_bytes(&self) -> u64 {
+        self.spare_cache
+            .iter()
+            .map(|b| b.bytes().len() as u64)
+            .sum()
     }
 
     /// Where the weights went.
@@ -550,6 +569,11 @@ impl<'r> BlockRun<'r> {
         };
         let mut end = 0u64;
         let mut cache = Vec::with_capacity(rt.layers.len());
+        let mut spares = std::mem::take(&mut rt.spare_cache);
+        if rt.spare_cache_shape != (rows.to_vec(), capacity) {
+            spares.clear();
+        }
+        rt.spare_cache_shape = (rows.to_vec(), capacity);
         for layer in &rt.layers {
             let Some(spec) = &layer.cache else {
                 cache.push(Vec::new());
@@ -584,7 +608,10 @@ impl<'r> BlockRun<'r> {
                         _ => SegData::Ram(
                             spec.planes
                                 .iter()
-                                .map(|p| PlaneBuf::zeros(p.elem, n * capacity * p.per_token))
+                                .map(|p| {
+                                    let len = n * capacity * p.per_token;
+                                    PlaneBuf::zeros_reusing(&mut spares, p.elem, len)
+                                })
                                 .collect(),
                         ),
                     };
@@ -600,6 +627,7 @@ impl<'r> BlockRun<'r> {
             }
             cache.push(per_k);
         }
+        drop(spares);
         if let Some(f) = &file {
             f.set_len(end)?;
         }
@@ -756,7 +784,15 @@ impl<'r> BlockRun<'r> {
                 .extend(f.tensors.into_iter().filter(|t| !t.is_empty()));
         }
         self.charge_spare();
-        self.cache.clear();
+        for state in self.cache.drain(..).flatten() {
+            if let CacheState::Home(home) | CacheState::Loaded(home, _) = state {
+                for segment in home.segments {
+                    if let SegData::Ram(planes) = segment.data {
+                        self.rt.spare_cache.extend(planes);
+                    }
+                }
+            }
+        }
         if let Some(p) = &self.cache_file {
             let _ = std::fs::remove_file(p);
         }

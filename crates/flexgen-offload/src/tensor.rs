@@ -264,6 +264,46 @@ impl PlaneBuf {
         }
     }
 
+    /// The element type.
+    pub fn elem(&self) -> Elem {
+        match self {
+            PlaneBuf::F32(_) => Elem::F32,
+            PlaneBuf::F16(_) => Elem::F16,
+            PlaneBuf::U8(_) => Elem::U8,
+        }
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            PlaneBuf::F32(v) => v.len(),
+            PlaneBuf::F16(v) => v.len(),
+            PlaneBuf::U8(v) => v.len(),
+        }
+    }
+
+    /// Whether the buffer holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [`PlaneBuf::zeros`]`(elem, len)`, reusing (and zeroing) a buffer of that type and
+    /// length from `spares` when one is there: its pages are already mapped, so writing the
+    /// cache does not fault them in again.
+    pub fn zeros_reusing(spares: &mut Vec<PlaneBuf>, elem: Elem, len: usize) -> Self {
+        match spares
+            .iter()
+            .position(|b| b.elem() == elem && b.len() == len)
+        {
+            Some(i) => {
+                let mut b = spares.swap_remove(i);
+                b.bytes_mut().fill(0);
+                b
+            }
+            None => PlaneBuf::zeros(elem, len),
+        }
+    }
+
     /// Bytes.
     pub fn bytes(&self) -> &[u8] {
         match self {

@@ -391,6 +391,55 @@ fn weights_on_disk_stay_off_the_ram_tiers_and_files_go_away() {
     drop(rt_a);
 }
 
+/// A block's RAM-homed KV cache is kept for the next block of the same shape and reused
+/// (zeroed): an early-stopped block, then full ones, give the reference's tokens each time; a
+/// block of another shape frees what it cannot use. Also with part of the cache on disk.
+#[test]
+fn repeated_blocks_reuse_the_cache_and_match_the_reference() {
+    let toy = Toy::new(3, DType::F32);
+    let ps = prompts(4, 3);
+    let want = reference(&toy, &ps, 4, false);
+    let want_short = reference(&toy, &ps, 2, false);
+    for percent in [
+        [100.0, 0.0, 100.0, 0.0, 100.0, 0.0],
+        [100.0, 0.0, 0.0, 50.0, 100.0, 0.0],
+    ] {
+        let policy = Policy {
+            gpu_batch_size: 2,
+            num_gpu_batches: 2,
+            ..Policy::default()
+        }
+        .with_percent(percent);
+        let (out, mut rt, _, _dir) = run(&toy, &policy, &ps, 4);
+        assert_eq!(out, want, "{percent:?}");
+        let kept = rt.spare_cache_bytes();
+        assert!(kept > 0, "{percent:?}: nothing kept");
+        let block = |rt: &mut Runtime, gen: usize, stop_after: usize| {
+            let mut batches: Vec<Batch> = ps.chunks(2).map(new_batch).collect();
+            rt.run_block(&toy, &mut batches, 3, gen, |i, b| {
+                between(b);
+                Ok(i + 1 < stop_after)
+            })
+            .unwrap();
+            batches.into_iter().flat_map(|b| b.out).collect::<Vec<_>>()
+        };
+        let first = block(&mut rt, 4, 1);
+        assert!(first.iter().zip(&want).all(|(a, b)| a[..] == b[..1]));
+        assert_eq!(rt.spare_cache_bytes(), kept);
+        for _ in 0..2 {
+            assert_eq!(block(&mut rt, 4, 4), want, "{percent:?}: repeated block");
+            assert_eq!(rt.spare_cache_bytes(), kept);
+        }
+        // Another shape (capacity 4 instead of 6): correct, and only its own cache is kept.
+        assert_eq!(
+            block(&mut rt, 2, 2),
+            want_short,
+            "{percent:?}: shorter block"
+        );
+        assert_eq!(rt.spare_cache_bytes(), kept / 6 * 4);
+    }
+}
+
 #[test]
 fn early_stop_and_bad_blocks() {
     let toy = Toy::new(2, DType::F32);
