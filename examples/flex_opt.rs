@@ -113,7 +113,9 @@ struct Args {
     /// Weight dtype: f32, f16 or bf16 (default: the checkpoint's, f16 for dummy weights).
     #[arg(long)]
     dtype: Option<String>,
-    /// Untimed warm-up runs (prefill and one token, as FlexGen's) before the measured one.
+    /// Untimed warm-up runs (prefill and one token, as FlexGen's) before the measured one; each
+    /// is the measured block stopped after its first token, so the runtime's KV cache buffers
+    /// (kept between blocks of the same shape) are in place for the measured run.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Seed of the dummy weights and prompt tokens.
@@ -364,6 +366,20 @@ fn run_block(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Resu
     Ok(())
 }
 
+/// FlexGen's warm-up: the prefill and first token of the same block. It is set up for
+/// `gen_len` tokens and stopped after the first, so that it has the measured run's shape and
+/// the runtime's reused KV cache buffers fit the measured run (their pages are then already
+/// mapped, as after a warm-up on a GPU's caching allocator).
+fn warm_up(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Result<()> {
+    let cfg = GenerationConfig {
+        max_new_tokens: gen_len,
+        stop_token_ids: Vec::new(),
+        ..GenerationConfig::default()
+    };
+    model.generate(prompts, &cfg, None, |_| Flow::StopAll)?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.prompt_len == 0 || args.gen_len == 0 {
@@ -403,7 +419,7 @@ fn main() -> Result<()> {
     let batch = policy.block_size();
     let prompts = make_prompts(batch, args.prompt_len, args.seed);
     for _ in 0..args.warmup {
-        run_block(&model, &prompts, 1)?;
+        warm_up(&model, &prompts, args.gen_len)?;
     }
     model.take_stats();
     let start = Instant::now();
