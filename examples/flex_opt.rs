@@ -355,14 +355,18 @@ fn make_prompts(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// One generation of the block with no stop token (every row runs `gen_len` tokens).
-fn run_block(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Result<()> {
-    let cfg = GenerationConfig {
+/// `gen_len` tokens per row with no stop token.
+fn block_config(gen_len: usize) -> GenerationConfig {
+    GenerationConfig {
         max_new_tokens: gen_len,
         stop_token_ids: Vec::new(),
         ..GenerationConfig::default()
-    };
-    model.generate(prompts, &cfg, None, |_| Flow::Continue)?;
+    }
+}
+
+/// One generation of the block (every row runs `gen_len` tokens).
+fn run_block(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Result<()> {
+    model.generate(prompts, &block_config(gen_len), None, |_| Flow::Continue)?;
     Ok(())
 }
 
@@ -371,12 +375,7 @@ fn run_block(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Resu
 /// the runtime's reused KV cache buffers fit the measured run (their pages are then already
 /// mapped, as after a warm-up on a GPU's caching allocator).
 fn warm_up(model: &OffloadedOpt, prompts: &[Vec<u32>], gen_len: usize) -> Result<()> {
-    let cfg = GenerationConfig {
-        max_new_tokens: gen_len,
-        stop_token_ids: Vec::new(),
-        ..GenerationConfig::default()
-    };
-    model.generate(prompts, &cfg, None, |_| Flow::StopAll)?;
+    model.generate(prompts, &block_config(gen_len), None, |_| Flow::StopAll)?;
     Ok(())
 }
 

@@ -481,13 +481,7 @@ unsafe fn tile<const O: usize, const V: usize, const EIGHT: bool>(
                 for o in 0..O {
                     // SAFETY: code bytes `g · gs + 4d .. + 4` of row `r + o` lie in the row
                     // (`4d + 4 <= gs`).
-                    let four = unsafe {
-                        codes
-                            .add(o * w.code_stride + g * gb + 4 * d)
-                            .cast::<i32>()
-                            .read_unaligned()
-                    };
-                    let b = _mm512_set1_epi32(four);
+                    let b = unsafe { broadcast_four(codes, w.code_stride, o, g * gb + 4 * d) };
                     for u in 0..V {
                         sums[o][u] = _mm512_dpbusd_epi32(sums[o][u], b, xv[u]);
                     }
@@ -508,13 +502,7 @@ unsafe fn tile<const O: usize, const V: usize, const EIGHT: bool>(
                 for o in 0..O {
                     // SAFETY: code bytes `g · gb + 4d .. + 4` of row `r + o` lie in the row
                     // (`4d + 4 <= gb`).
-                    let four = unsafe {
-                        codes
-                            .add(o * w.code_stride + g * gb + 4 * d)
-                            .cast::<i32>()
-                            .read_unaligned()
-                    };
-                    let b = _mm512_set1_epi32(four);
+                    let b = unsafe { broadcast_four(codes, w.code_stride, o, g * gb + 4 * d) };
                     let lo = _mm512_and_si512(b, nibble);
                     let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(b), nibble);
                     for u in 0..V {
@@ -559,6 +547,19 @@ unsafe fn tile<const O: usize, const V: usize, const EIGHT: bool>(
             };
         }
     }
+}
+
+/// The 4 code bytes at `byte` of weight row `o` (rows `stride` bytes apart from `codes`), in
+/// every lane.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `codes + o · stride + byte .. + 4` must be readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn broadcast_four(codes: *const u8, stride: usize, o: usize, byte: usize) -> __m512i {
+    // SAFETY: the caller's contract.
+    let four = unsafe { codes.add(o * stride + byte).cast::<i32>().read_unaligned() };
+    _mm512_set1_epi32(four)
 }
 
 /// The largest difference, for `x` row `i` and output `r` (`out[i * n + r]`), between this
