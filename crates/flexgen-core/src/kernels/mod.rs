@@ -27,8 +27,8 @@ pub use convert::{
 pub use embedding::{embedding, embedding_prepacked, embedding_ref};
 pub use layer_norm::{layer_norm, layer_norm_ref, layer_norm_with_level};
 pub use linear::{
-    linear, linear_prepacked, linear_prepacked_with_level, linear_ref, linear_with_level,
-    linear_with_path, par_output_rows, LinearPath,
+    bf16_dot_enabled, linear, linear_prepacked, linear_prepacked_with_level, linear_ref,
+    linear_with_level, linear_with_path, par_output_rows, set_bf16_dot_enabled, LinearPath,
 };
 pub use row_blocks::{
     linear_row_blocks, row_blocks_supported, RowBlocks, PANEL_WIDTH, ROW_BLOCK_COLS,

@@ -108,19 +108,9 @@ impl Micro {
     }
 }
 
-/// `FLEXGEN_BF16_DOT` is not `0`/`off`/`false`/`no` (read once).
+/// [`super::linear::bf16_dot_enabled`].
 fn bf16_dot_allowed() -> bool {
-    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| {
-        !matches!(
-            std::env::var("FLEXGEN_BF16_DOT")
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-                .as_str(),
-            "0" | "off" | "false" | "no"
-        )
-    })
+    super::linear::bf16_dot_enabled()
 }
 
 thread_local! {
