@@ -31,6 +31,7 @@
 //! ```
 
 pub mod dtype;
+pub mod env_switch;
 pub mod error;
 pub mod kernels;
 pub mod matrix;
@@ -38,6 +39,7 @@ pub mod panel_matrix;
 pub mod simd;
 
 pub use dtype::DType;
+pub use env_switch::EnvSwitch;
 pub use error::{Error, Result};
 pub use matrix::{Matrix, Storage};
 pub use panel_matrix::PanelMatrix;

@@ -27,11 +27,10 @@
 //!   `linear`, FlexGen's "decompress then compute" per panel.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::thread::LocalKey;
 
 use flexgen_core::kernels::{self, row_blocks_supported, RowBlocks, ROW_BLOCK_COLS};
-use flexgen_core::{simd_level, Matrix, SimdLevel, Storage};
+use flexgen_core::{simd_level, EnvSwitch, Matrix, SimdLevel, Storage};
 use rayon::prelude::*;
 
 use crate::codec;
@@ -117,52 +116,12 @@ pub fn int8_supported(level: SimdLevel, w: &QuantizedTensor) -> bool {
     }
 }
 
-/// A process-wide on/off choice, read once from an environment variable unless set in code.
-struct EnvSwitch {
-    /// 0 = not read yet, 1 = on, 2 = off.
-    state: AtomicU8,
-    /// The variable: `1`, `on`, `true` turn it on; `0`, `off`, `false` off; else `default`.
-    var: &'static str,
-    default: bool,
-}
-
-impl EnvSwitch {
-    const fn new(var: &'static str, default: bool) -> EnvSwitch {
-        EnvSwitch {
-            state: AtomicU8::new(0),
-            var,
-            default,
-        }
-    }
-
-    fn get(&self) -> bool {
-        match self.state.load(Ordering::Relaxed) {
-            1 => true,
-            2 => false,
-            _ => {
-                let value = std::env::var(self.var).unwrap_or_default();
-                let on = match value.trim().to_ascii_lowercase().as_str() {
-                    "1" | "on" | "true" => true,
-                    "0" | "off" | "false" => false,
-                    _ => self.default,
-                };
-                self.set(on);
-                on
-            }
-        }
-    }
-
-    fn set(&self, on: bool) {
-        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-    }
-}
-
 /// Process-wide choice of [`int8_activations_enabled`].
 static INT8_ACTIVATIONS: EnvSwitch = EnvSwitch::new("FLEXGEN_INT8_ACTIVATIONS", false);
 
 /// Whether [`linear_packed`] runs [`PackedPath::Int8`] (where supported) from
 /// [`BLOCKS_MIN_M`] rows. Off by default; on when the environment variable
-/// `FLEXGEN_INT8_ACTIVATIONS` is `1`, `on` or `true` at the first call, or after
+/// `FLEXGEN_INT8_ACTIVATIONS` is `1`, `on`, `true` or `yes` at the first call, or after
 /// [`set_int8_activations`]`(true)`.
 ///
 /// On, each group of an `x` row is rounded to 8 bits with its own scale: an error of at most
@@ -184,7 +143,7 @@ pub fn set_int8_activations(on: bool) {
 static FIXED_POINT: EnvSwitch = EnvSwitch::new("FLEXGEN_FIXED_POINT", true);
 
 /// Whether [`linear_packed`] may choose [`PackedPath::FixedPoint`] (where supported). On by
-/// default; off when the environment variable `FLEXGEN_FIXED_POINT` is `0`, `off` or `false`
+/// default; off when the environment variable `FLEXGEN_FIXED_POINT` is `0`, `off`, `false` or `no`
 /// at the first call, or after [`set_fixed_point_enabled`]`(false)`. Off, every `m` below
 /// [`BLOCKS_MIN_M`] runs the float kernels, equal to dequantize-then-linear up to float
 /// rounding.

@@ -14,7 +14,6 @@
 //! No path allocates per call once its per-thread buffers have grown to the largest shape.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use gemm::Parallelism;
 use half::{bf16, f16};
@@ -26,11 +25,12 @@ use crate::matrix::{Matrix, Storage};
 use crate::panel_matrix::{PanelData, PanelMatrix};
 use crate::simd::scalar::WeightElem;
 use crate::simd::{dispatch, ensure_available, simd_level, Kern, SimdLevel};
+use crate::EnvSwitch;
 
 const OP: &str = "linear";
 
-/// [`bf16_dot_enabled`]: 0 = not read yet, 1 = on, 2 = off.
-static BF16_DOT: AtomicU8 = AtomicU8::new(0);
+/// Process-wide choice of [`bf16_dot_enabled`].
+static BF16_DOT: EnvSwitch = EnvSwitch::new("FLEXGEN_BF16_DOT", true);
 
 /// Whether products of bf16 weights with 16 or more rows of `x` round `x` to bf16 for
 /// `vdpbf16ps` on CPUs with AVX512_BF16 (see [`linear`]). On unless the environment variable
@@ -39,28 +39,13 @@ static BF16_DOT: AtomicU8 = AtomicU8::new(0);
 /// multiplied with `f32` `x` at every `m`, so a row's result no longer depends on how many
 /// rows are multiplied with it (up to summation order).
 pub fn bf16_dot_enabled() -> bool {
-    match BF16_DOT.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = matches!(
-                std::env::var("FLEXGEN_BF16_DOT")
-                    .unwrap_or_default()
-                    .trim()
-                    .to_ascii_lowercase()
-                    .as_str(),
-                "0" | "off" | "false" | "no"
-            );
-            set_bf16_dot_enabled(!off);
-            !off
-        }
-    }
+    BF16_DOT.get()
 }
 
 /// Turns [`bf16_dot_enabled`] on or off for the whole process (overrides
 /// `FLEXGEN_BF16_DOT`).
 pub fn set_bf16_dot_enabled(on: bool) {
-    BF16_DOT.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    BF16_DOT.set(on);
 }
 
 /// Largest `m` handled by the GEMV kernel for `f32` weights (above it: `gemm`).
