@@ -570,10 +570,10 @@ impl<'r> BlockRun<'r> {
         let mut end = 0u64;
         let mut cache = Vec::with_capacity(rt.layers.len());
         let mut spares = std::mem::take(&mut rt.spare_cache);
-        if rt.spare_cache_shape != (rows.to_vec(), capacity) {
+        if rt.spare_cache_shape.0 != rows || rt.spare_cache_shape.1 != capacity {
             spares.clear();
+            rt.spare_cache_shape = (rows.to_vec(), capacity);
         }
-        rt.spare_cache_shape = (rows.to_vec(), capacity);
         for layer in &rt.layers {
             let Some(spec) = &layer.cache else {
                 cache.push(Vec::new());
