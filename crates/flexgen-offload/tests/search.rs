@@ -6,7 +6,7 @@ use flexgen_core::DType;
 use flexgen_offload::search::{
     cpu_policy, predict, search, CacheMode, Capacity, Choice, CostModel, Formats, Grid,
     HardwareProfile, LinearKind, Lp, MemoryLimits, ModelShape, Placement, PlacementSolver,
-    RateCurve, SearchError, SearchOptions, Workload,
+    RateCurve, SearchError, SearchOptions, Vertices, Workload,
 };
 use flexgen_offload::{split_cache, Policy, Tier, WeightPlan};
 use flexgen_quant::CompressionConfig;
@@ -207,6 +207,13 @@ proptest! {
         let cap = Capacity { ram: (ram_mib << 20) as f64, disk: (disk_mib << 20) as f64 };
         let lp = Lp.solve(&model, &cap).unwrap();
         let grid = Grid { steps: 20 }.solve(&model, &cap).unwrap();
+        // The simplex and the exact vertex enumeration agree on feasibility and optimum.
+        let exact = Vertices.solve(&model, &cap).unwrap();
+        prop_assert_eq!(lp.is_some(), exact.is_some(), "LP {:?}, vertices {:?}", lp, exact);
+        if let (Some(l), Some(v)) = (lp, exact) {
+            let (tl, tv) = (l.prediction.total_s, v.prediction.total_s);
+            prop_assert!((tl - tv).abs() <= 1e-6 * tv, "LP {} s, vertices {} s", tl, tv);
+        }
         if let Some(g) = grid {
             let l = lp.expect("the LP found nothing where the grid found a placement");
             prop_assert!(
@@ -400,4 +407,56 @@ fn bad_options_are_named() {
     let f = Formats::of(&Policy::default(), DType::F16);
     let m = CostModel::new(&shape, &profile(), o.workload, f, 4, 1).unwrap();
     assert!(m.predict(&mismatched).is_err());
+}
+#[test]
+fn a_simplex_that_stops_on_a_singular_basis_is_decided_by_the_vertices() {
+    // Drawn by CI: microlp 0.6 answered "Singular matrix" on this infeasible LP (the RAM
+    // limit needs more on disk than the disk holds) instead of "infeasible".
+    let shape = ModelShape {
+        name: "random".into(),
+        num_layers: 1,
+        hidden: 384,
+        ffn: 1536,
+        heads: 6,
+        vocab: 3000,
+        max_positions: 512,
+        embed_dim: 384,
+    };
+    let w = Workload {
+        prompt_len: 156,
+        gen_len: 16,
+    };
+    let f = Formats {
+        dtype: DType::F32,
+        compress_weight: true,
+        compress_cache: false,
+        overlap: true,
+        sep_layer: true,
+    };
+    let model = CostModel::new(&shape, &profile(), w, f, 16, 4).unwrap();
+    let cap = Capacity {
+        ram: 76336332.8,
+        disk: 36071014.4,
+    };
+    let lp = Lp.solve(&model, &cap).unwrap();
+    let exact = Vertices.solve(&model, &cap).unwrap();
+    assert_eq!(lp, exact);
+    let grid = Grid { steps: 200 }.solve(&model, &cap).unwrap();
+    assert!(grid.is_none() || lp.is_some(), "{grid:?}");
+    // And the search it came from finds a policy at another block shape.
+    let mut opts = SearchOptions::new(
+        w,
+        MemoryLimits {
+            ram_bytes: 91 << 20,
+            disk_bytes: 43 << 20,
+        },
+    );
+    opts.dtype = DType::F32;
+    opts.compress_weight = Choice::On;
+    opts.compress_cache = Choice::Off;
+    opts.max_gpu_batch_size = 32;
+    opts.max_num_gpu_batches = 8;
+    let found = search(&shape, &profile(), &opts).unwrap();
+    let [ram, disk] = peak(&shape, w, DType::F32, &found.policy);
+    assert!(ram <= opts.capacity().ram && disk <= opts.capacity().disk);
 }

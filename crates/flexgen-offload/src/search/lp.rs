@@ -1,6 +1,7 @@
 //! The placement LP of one block shape (FlexGen's `solve_lp`), solved with `good_lp` on the
-//! pure-Rust `microlp` simplex, and a brute-force grid over the same cost model that
-//! cross-checks it.
+//! pure-Rust `microlp` simplex; an exact vertex enumeration of the same LP, which decides the
+//! cases where the simplex fails numerically; and a brute-force grid over the same cost model
+//! that cross-checks both.
 //!
 //! Variables: `wd` (fraction of weights on disk) and `cd` (fraction of the KV cache on disk),
 //! plus one epigraph variable per layer time (prefill and decode, decoder and embedding
@@ -196,6 +197,150 @@ pub fn solve_mode(
             }))
         }
         Err(ResolutionError::Infeasible) => Ok(None),
+        // microlp can stop on a singular basis, on infeasible and on feasible problems alike
+        // (upstream Specy/microlp#48). The LP has only two placement variables, so its
+        // vertices are few enough to enumerate exactly instead.
+        Err(ResolutionError::Other(_)) | Err(ResolutionError::Str(_)) => {
+            Ok(solve_mode_at_vertices(model, cap, mode, lo, hi))
+        }
         Err(e) => Err(SearchError::Solver(e.to_string())),
+    }
+}
+
+/// Exact solution by enumerating vertices, for tests and for the simplex's numerical failures.
+///
+/// The objective is a sum of maxima of functions affine in `(wd, cd)`, so it is convex and
+/// piecewise affine, and the feasible set is a polygon. Its minimum is therefore attained at a
+/// vertex of the arrangement of the polygon's edges (the `[0, 1] × [lo, hi]` box, the RAM and
+/// disk limits) and the lines where a layer's time switches from I/O-bound to compute-bound.
+/// Every pairwise intersection of those lines that fits is evaluated; the fastest wins, and of
+/// equally fast ones the one with the least on disk (the LP's tie-break).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Vertices;
+
+impl PlacementSolver for Vertices {
+    fn solve(&self, model: &CostModel, cap: &Capacity) -> Result<Option<LpSolution>> {
+        let mut best = None;
+        for (mode, lo, hi) in cache_options(model) {
+            best = better(best, solve_mode_at_vertices(model, cap, mode, lo, hi));
+        }
+        Ok(best)
+    }
+}
+
+/// The line `a·wd + b·cd = r` in the placement plane.
+#[derive(Debug, Clone, Copy)]
+struct PlaneLine {
+    a: f64,
+    b: f64,
+    r: f64,
+}
+
+impl PlaneLine {
+    /// Where `lin` (with every weight fraction at `wd`) equals `value`.
+    fn level(lin: &Lin, value: f64) -> Self {
+        PlaneLine {
+            a: lin.w + lin.e + lin.f,
+            b: lin.k,
+            r: value - lin.c,
+        }
+    }
+
+    /// The point on both lines, if they cross at one point.
+    fn meet(&self, o: &PlaneLine) -> Option<(f64, f64)> {
+        let det = self.a * o.b - self.b * o.a;
+        let size = (self.a.abs() + self.b.abs()) * (o.a.abs() + o.b.abs());
+        if det.abs() <= 1e-12 * size || size == 0.0 {
+            return None;
+        }
+        Some((
+            (self.r * o.b - self.b * o.r) / det,
+            (self.a * o.r - self.r * o.a) / det,
+        ))
+    }
+}
+
+/// [`Vertices`] for one cache mode with `cd` in `[lo, hi]`.
+fn solve_mode_at_vertices(
+    model: &CostModel,
+    cap: &Capacity,
+    mode: CacheMode,
+    lo: f64,
+    hi: f64,
+) -> Option<LpSolution> {
+    let t = model.terms(mode, false);
+    let mut lines = vec![
+        PlaneLine {
+            a: 1.0,
+            b: 0.0,
+            r: 0.0,
+        },
+        PlaneLine {
+            a: 1.0,
+            b: 0.0,
+            r: 1.0,
+        },
+        PlaneLine {
+            a: 0.0,
+            b: 1.0,
+            r: lo,
+        },
+        PlaneLine {
+            a: 0.0,
+            b: 1.0,
+            r: hi,
+        },
+        PlaneLine::level(&t.ram, cap.ram),
+        PlaneLine::level(&t.disk, cap.disk),
+    ];
+    if model.overlap() {
+        for (io, comp) in [
+            (&t.prefill_io, &t.prefill_compute),
+            (&t.decode_io, &t.decode_compute),
+            (&t.embed_io, &t.embed_prefill_compute),
+            (&t.embed_io, &t.embed_decode_compute),
+        ] {
+            let gap = *io + model.overlapped_compute(io, comp).scale(-1.0);
+            lines.push(PlaneLine::level(&gap, 0.0));
+        }
+    }
+    const SLACK: f64 = 1e-9;
+    let mut best: Option<LpSolution> = None;
+    for (i, first) in lines.iter().enumerate() {
+        for second in &lines[i + 1..] {
+            let Some((w, c)) = first.meet(second) else {
+                continue;
+            };
+            if !(-SLACK..=1.0 + SLACK).contains(&w) || !(lo - SLACK..=hi + SLACK).contains(&c) {
+                continue;
+            }
+            let (w, c) = (w.clamp(0.0, 1.0), c.clamp(lo, hi));
+            let prediction = model.evaluate(&Placement::fractions(w, c, mode));
+            if !cap.fits(&prediction) {
+                continue;
+            }
+            let candidate = LpSolution {
+                weights_disk: w,
+                cache_disk: c,
+                cache_mode: mode,
+                prediction,
+            };
+            best = Some(match best {
+                Some(b) if !faster_or_tied_with_less_disk(&candidate, &b) => b,
+                _ => candidate,
+            });
+        }
+    }
+    best
+}
+
+/// Whether `a` beats `b`: faster, or as fast (to 1e-12) with less on disk.
+fn faster_or_tied_with_less_disk(a: &LpSolution, b: &LpSolution) -> bool {
+    let (ta, tb) = (a.prediction.total_s, b.prediction.total_s);
+    let tol = 1e-12 * ta.abs().max(tb.abs());
+    if (ta - tb).abs() > tol {
+        ta < tb
+    } else {
+        a.weights_disk + a.cache_disk < b.weights_disk + b.cache_disk
     }
 }

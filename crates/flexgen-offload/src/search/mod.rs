@@ -73,7 +73,7 @@ pub use error::{Result, SearchError};
 pub use hardware::{
     default_profile_path, Fingerprint, HardwareProfile, LinearKind, MemoryLimits, RateCurve,
 };
-pub use lp::{Capacity, Grid, Lp, LpSolution, PlacementSolver};
+pub use lp::{Capacity, Grid, Lp, LpSolution, PlacementSolver, Vertices};
 pub use procedure::{
     cpu_policy, gpu_batch_sizes, search, Candidate, Choice, SearchOptions, SearchResult,
 };
