@@ -16,6 +16,10 @@
 //! flight; `--resume` skips the ids (and bad lines) already in the output. Row `n` (its line
 //! number) samples with seed `--seed + n`, so results do not depend on how rows are grouped.
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};

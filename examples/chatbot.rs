@@ -17,6 +17,10 @@
 //! On a terminal the input line has editing and history; when stdin is a pipe lines are read
 //! plainly and echoed after the `Human: ` prompt, so stdout is the transcript.
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,6 +14,10 @@
 //! completes FlexGen's two few-shot prompts, and it samples as that app does (temperature 0.7,
 //! stop at the end of the line) unless `--temperature` / `--stop` say otherwise.
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 use std::io::Write;
 use std::path::PathBuf;
 

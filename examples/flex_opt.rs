@@ -17,6 +17,10 @@
 //! compute tier and on the host tier (both RAM on this CPU backend), the rest on disk, in
 //! `--offload-dir` (files removed on exit, error and Ctrl-C).
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

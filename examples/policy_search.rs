@@ -15,6 +15,10 @@
 //! until it is stale (another machine, CPU count, offload filesystem, or 30 days);
 //! `--recalibrate` measures again.
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -10,6 +10,10 @@
 //! cargo run --release --example quant_paths -- --n 8192 --k 2048 --rows 16,24,32 --reps 21
 //! ```
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 use std::time::Instant;
 
 use anyhow::Result;

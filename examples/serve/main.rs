@@ -16,6 +16,10 @@
 //! `GET /` (a chat page). Requests that arrive while a batch runs wait in a queue and run
 //! together in the next batch (up to `--max-batch` rows), each row with its own settings.
 
+/// Large buffers (weights, KV cache) on transparent huge pages where Linux allows it.
+#[global_allocator]
+static ALLOC: flexgen::core::HugePageAlloc = flexgen::core::HugePageAlloc;
+
 mod engine;
 mod routes;
 

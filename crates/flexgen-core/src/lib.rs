@@ -15,6 +15,7 @@
 //! | [`kernels::masked_softmax`], [`kernels::attention()`] | masked softmax and multi-head attention over a KV cache |
 //! | [`kernels::embedding()`], [`kernels::argmax`] | token embedding gather and greedy pick |
 //! | [`SimdLevel`], [`simd_level`] | run-time SIMD selection |
+//! | [`HugePageAlloc`] | global allocator putting large buffers on transparent huge pages |
 //!
 //! # Example
 //!
@@ -33,6 +34,7 @@
 pub mod dtype;
 pub mod env_switch;
 pub mod error;
+pub mod huge_pages;
 pub mod kernels;
 pub mod matrix;
 pub mod panel_matrix;
@@ -41,6 +43,7 @@ pub mod simd;
 pub use dtype::DType;
 pub use env_switch::EnvSwitch;
 pub use error::{Error, Result};
+pub use huge_pages::HugePageAlloc;
 pub use matrix::{Matrix, Storage};
 pub use panel_matrix::PanelMatrix;
 pub use simd::{simd_level, SimdLevel};
