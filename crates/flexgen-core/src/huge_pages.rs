@@ -9,10 +9,11 @@
 //! probe (`tools/probes/read_bandwidth.c`) reads 1 GiB at 56-62 GB/s on huge pages against
 //! 31-45 GB/s on 4 KiB pages in the same minutes.
 //!
-//! The allocator is [`std::alloc::System`] plus that advice for every allocation of
-//! [`HugePageAlloc::MIN_BYTES`] or more: the whole 2 MiB-aligned part of the block is advised
-//! before the caller first writes it. Smaller allocations are untouched. Elsewhere than
-//! Linux, and where transparent huge pages are `never`, it is `System` unchanged.
+//! The allocator is [`std::alloc::System`] plus, for every allocation of
+//! [`HugePageAlloc::MIN_BYTES`] or more, a 2 MiB alignment (so that an 8 MiB weight is four
+//! whole huge pages, not three and two partial ones) and that advice, given before the caller
+//! first writes the block. Smaller allocations are untouched. Elsewhere than Linux, and where
+//! transparent huge pages are `never`, large blocks are only aligned.
 //!
 //! Install it in a binary with:
 //!
@@ -57,33 +58,66 @@ fn advise(ptr: *mut u8, size: usize) {
     }
 }
 
-// SAFETY: every method forwards to `System` with the same arguments and returns its result;
-// `advise` only adds a hint about pages inside the returned block.
+/// The layout `System` is asked for: `layout` itself, or for large blocks the same size at a
+/// 2 MiB alignment. A function of the caller's layout alone, so `dealloc` recomputes what
+/// `alloc` used.
+fn system_layout(layout: Layout) -> Layout {
+    if layout.size() >= HugePageAlloc::MIN_BYTES && layout.align() < HUGE_PAGE {
+        Layout::from_size_align(layout.size(), HUGE_PAGE).unwrap_or(layout)
+    } else {
+        layout
+    }
+}
+
+// SAFETY: every block comes from `System` with `system_layout` of the caller's layout, which
+// satisfies the caller's size and alignment, and goes back to `System` with the same layout;
+// `advise` only adds a hint about pages inside a block just handed out.
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded from the caller.
-        let p = unsafe { System.alloc(layout) };
+        // SAFETY: `system_layout` keeps the caller's non-zero size.
+        let p = unsafe { System.alloc(system_layout(layout)) };
         advise(p, layout.size());
         p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded from the caller.
-        let p = unsafe { System.alloc_zeroed(layout) };
+        // SAFETY: as in `alloc`.
+        let p = unsafe { System.alloc_zeroed(system_layout(layout)) };
         advise(p, layout.size());
         p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded from the caller.
-        unsafe { System.dealloc(ptr, layout) }
+        // SAFETY: `ptr` came from `alloc*` or `realloc` with this `layout`, so from `System`
+        // with `system_layout(layout)`.
+        unsafe { System.dealloc(ptr, system_layout(layout)) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded from the caller.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        advise(p, new_size);
-        p
+        let (old, new) = (
+            system_layout(layout),
+            // SAFETY: the caller guarantees `new_size` with `layout.align()` is a valid layout.
+            system_layout(unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) }),
+        );
+        if old.align() == new.align() {
+            // SAFETY: `ptr` is a `System` block of layout `old`; `new_size` is valid at its
+            // alignment (the same as `new`'s).
+            let p = unsafe { System.realloc(ptr, old, new_size) };
+            advise(p, new_size);
+            return p;
+        }
+        // Crossing `MIN_BYTES` changes the alignment: move the block.
+        // SAFETY: `new` has a non-zero size; the old block is valid for `layout.size()` bytes
+        // and the new one for `new_size`; the old block is freed with its own layout.
+        unsafe {
+            let p = System.alloc(new);
+            if !p.is_null() {
+                advise(p, new_size);
+                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                System.dealloc(ptr, old);
+            }
+            p
+        }
     }
 }
 
@@ -131,11 +165,14 @@ mod tests {
                 a.dealloc(z, layout);
                 let p = a.alloc(layout);
                 assert!(!p.is_null() && (p as usize).is_multiple_of(64));
+                if size >= HugePageAlloc::MIN_BYTES {
+                    assert!((p as usize).is_multiple_of(HUGE_PAGE));
+                }
                 for i in 0..size {
                     *p.add(i) = (i % 251) as u8;
                 }
                 let grown = a.realloc(p, layout, 2 * size + 3 * HUGE_PAGE);
-                assert!(!grown.is_null());
+                assert!(!grown.is_null() && (grown as usize).is_multiple_of(HUGE_PAGE));
                 assert!((0..size).all(|i| *grown.add(i) == (i % 251) as u8));
                 let big = Layout::from_size_align(2 * size + 3 * HUGE_PAGE, 64).unwrap();
                 let shrunk = a.realloc(grown, big, size.div_ceil(2));
