@@ -6,7 +6,7 @@
 //! - f16 weights: 0.5%. f16 keeps 11 significant bits: each weight is off by at most 2^-12
 //!   relative; activations and accumulation stay f32.
 //! - bf16 weights: 4%. bf16 keeps 8 bits (2^-9 relative per weight), and on CPUs with
-//!   AVX512_BF16 the activations of products with one row or 16 or more rows are rounded to bf16 too.
+//!   AVX512_BF16 the activations multiplied with them are rounded to bf16 too.
 //!
 //! (`tiny-sharded` is stored in bf16 and `tiny-preln-f16` in f16, so those dtypes reproduce
 //! the f32 path there up to summation order; the other pairs are real roundings.)

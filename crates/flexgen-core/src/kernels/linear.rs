@@ -3,10 +3,9 @@
 //! Three algorithms ([`LinearPath`]), chosen by [`linear`] from the number of rows `m`:
 //! - **GEMV** (`m < 16` on AVX-512; up to 128/384 rows at lower levels): a SIMD kernel that
 //!   streams `W` from memory once per block of `x` rows, converting `f16`/`bf16` to `f32` in
-//!   registers, with rayon splitting the output rows. Memory-bound; used for decode. At
-//!   `m == 1` with bf16 weights on AVX512_BF16 it rounds `x` to bf16 and uses `vdpbf16ps`
-//!   one weight row at a time, so the weights stream sequentially (see
-//!   [`bf16_dot_enabled`]).
+//!   registers, with rayon splitting the output rows. Memory-bound; used for decode. With
+//!   bf16 weights on AVX512_BF16 it rounds `x` to bf16 and uses `vdpbf16ps` one weight row
+//!   at a time, so the weights stream sequentially (see [`bf16_dot_enabled`]).
 //! - **Packed** (AVX-512, `m >= 16`): the packed-panel GEMM of [`super::panel_gemm`]
 //!   (register-tiled micro-kernels; bf16 weights use `vdpbf16ps` with `x` rounded to bf16 on
 //!   CPUs with AVX512_BF16, see there for the tolerance; everything else is exact `f32`
@@ -35,12 +34,12 @@ const OP: &str = "linear";
 /// Process-wide choice of [`bf16_dot_enabled`].
 static BF16_DOT: EnvSwitch = EnvSwitch::new("FLEXGEN_BF16_DOT", true);
 
-/// Whether products of bf16 weights with one row of `x`, or with 16 or more, round `x` to
-/// bf16 for `vdpbf16ps` on CPUs with AVX512_BF16 (see [`linear`]). On unless the environment
-/// variable `FLEXGEN_BF16_DOT` is `0`, `off`, `false` or `no` at the first call, or after
+/// Whether products of bf16 weights round `x` to bf16 for `vdpbf16ps` on CPUs with
+/// AVX512_BF16 (see [`linear`]), at every `m`. On unless the environment variable
+/// `FLEXGEN_BF16_DOT` is `0`, `off`, `false` or `no` at the first call, or after
 /// [`set_bf16_dot_enabled`]`(false)`. Off, bf16 weights are converted exactly to `f32` and
-/// multiplied with `f32` `x` at every `m`, so a row's result no longer depends on how many
-/// rows are multiplied with it (up to summation order).
+/// multiplied with `f32` `x`. Either way a row's result does not depend on how many rows are
+/// multiplied with it (up to summation order).
 pub fn bf16_dot_enabled() -> bool {
     BF16_DOT.get()
 }
@@ -67,8 +66,8 @@ const PANEL_ELEMS: usize = 1 << 20;
 /// `x` is row-major `m x k`, `out` row-major `m x n`, and `bias` (if any) has length `n`.
 ///
 /// Accumulation is in `f32`; half-precision weights are converted exactly to `f32`. One
-/// exception: with `bf16` weights, `m == 1` or `m >= 16`, and a CPU with AVX512_BF16, `x` is
-/// rounded to bf16 for `vdpbf16ps` (error per output at most about `2^-8 · Σ|x_l w_l|`; set
+/// exception: with `bf16` weights on a CPU with AVX512_BF16 (AVX-512 level), `x` is rounded
+/// to bf16 for `vdpbf16ps` (error per output at most about `2^-8 · Σ|x_l w_l|`; set
 /// `FLEXGEN_BF16_DOT=0` to keep `x` in `f32`). Returns [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) when a length disagrees.
 ///
 /// ```
@@ -247,11 +246,11 @@ pub fn linear_prepacked_with_level(
 
 /// GEMV path. Shapes are valid and `m, n, k > 0`.
 fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Storage::BF16(d)) = (gemv_rounds_x_to_bf16(level, w), w.storage()) {
+        return gemv_bf16_dot(x, m, d, w.cols(), bias, out);
+    }
     if m == 1 {
-        #[cfg(target_arch = "x86_64")]
-        if let (true, Storage::BF16(d)) = (gemv_rounds_x_to_bf16(level, w), w.storage()) {
-            return gemv_bf16_dot(x, d, w.cols(), bias, out);
-        }
         gemv_t(level, x, 1, w, bias, out);
     } else {
         // The kernels write out transposed (`n x m`) so each task owns a contiguous block.
@@ -267,31 +266,68 @@ fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>,
     }
 }
 
-/// Whether the GEMV path at `m == 1` rounds `x` to bf16 and uses `vdpbf16ps` (bf16 weights,
-/// AVX-512 with AVX512_BF16, [`bf16_dot_enabled`]): the same arithmetic as the packed GEMM
-/// uses for 16 rows or more.
+/// Whether the GEMV path rounds `x` to bf16 and uses `vdpbf16ps` (bf16 weights, AVX-512 with
+/// AVX512_BF16, [`bf16_dot_enabled`]): the same arithmetic as the packed GEMM uses from 16
+/// rows, so with the switch on a row's result does not depend on how many rows are
+/// multiplied with it (up to summation order).
 #[cfg(target_arch = "x86_64")]
 fn gemv_rounds_x_to_bf16(level: SimdLevel, w: &Matrix) -> bool {
     use super::panel_gemm::Micro;
     level == SimdLevel::Avx512 && Micro::for_matrix(w) == Micro::DotNative
 }
 
-/// One row of `x` against row-major bf16 weights `w` (`n x k`) with `vdpbf16ps`: `x` is
-/// rounded to bf16 once, then each thread streams its output features' rows.
+thread_local! {
+    /// `x` rounded to bf16 for [`gemv_bf16_dot`], per calling thread.
+    static X_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `m` rows of `x` against row-major bf16 weights `w` (`n x k`) with `vdpbf16ps`: `x` is
+/// rounded to bf16 once, then each thread streams its output features' weight rows, one
+/// row at a time.
 #[cfg(target_arch = "x86_64")]
-fn gemv_bf16_dot(x: &[f32], w: &[bf16], k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
-    with_scratch(k.div_ceil(2), |buf| {
-        let xb: &mut [bf16] = &mut bytemuck::cast_slice_mut::<f32, bf16>(buf)[..k];
-        for (b, &v) in xb.iter_mut().zip(x) {
+fn gemv_bf16_dot(x: &[f32], m: usize, w: &[bf16], k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    use crate::simd::avx512_gemm::{gemv_rows_dot_native, gemv_rows_dot_native_multi};
+    let round = |xb: &mut [bf16]| {
+        for (b, &v) in xb.iter_mut().zip(&x[..m * k]) {
             *b = bf16::from_f32(v);
         }
-        let xb: &[bf16] = xb;
-        par_output_rows(out, k, 1, bias, |r0, ot| {
-            let rows = &w[r0 * k..(r0 + ot.len()) * k];
-            // SAFETY: `gemv_rounds_x_to_bf16` checked AVX-512 and AVX512_BF16; the kernel
-            // checks the lengths.
-            unsafe { crate::simd::avx512_gemm::gemv_rows_dot_native(rows, k, xb, ot) };
+    };
+    let mut run = |xb: &[bf16]| {
+        if m == 1 {
+            par_output_rows(out, k, 1, bias, |r0, ot| {
+                // SAFETY: `gemv_rounds_x_to_bf16` checked AVX-512 and AVX512_BF16; the kernel
+                // checks the lengths.
+                unsafe { gemv_rows_dot_native(&w[r0 * k..(r0 + ot.len()) * k], k, xb, ot) };
+            });
+            return;
+        }
+        let n = out.len() / m;
+        with_scratch(m * n, |out_t| {
+            par_output_rows(out_t, k, m, bias, |r0, ot| {
+                let rows = &w[r0 * k..(r0 + ot.len() / m) * k];
+                // SAFETY: as above.
+                unsafe { gemv_rows_dot_native_multi(rows, k, xb, m, ot) };
+            });
+            for (j, col) in out_t.chunks_exact(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    out[i * n + j] = v;
+                }
+            }
         });
+    };
+    X_BF16.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < m * k {
+                v.resize(m * k, bf16::ZERO);
+            }
+            round(&mut v[..m * k]);
+            run(&v[..m * k]);
+        }
+        Err(_) => {
+            let mut v = vec![bf16::ZERO; m * k];
+            round(&mut v);
+            run(&v);
+        }
     });
 }
 
@@ -483,19 +519,17 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// Whether `linear_with_path(level, path, x, m, w, ..)` rounds `x` to bf16 for the weights
-/// `w` (the packed GEMM's `vdpbf16ps` micro-kernel, see [`super::panel_gemm`], and the GEMV
-/// at `m == 1`).
+/// Whether `linear_with_path(level, path, ..)` rounds `x` to bf16 for the weights `w` (the
+/// packed GEMM's `vdpbf16ps` micro-kernel, see [`super::panel_gemm`], and the GEMV).
 #[cfg(test)]
-pub(crate) fn rounds_x_to_bf16(level: SimdLevel, path: LinearPath, m: usize, w: &Matrix) -> bool {
+pub(crate) fn rounds_x_to_bf16(level: SimdLevel, path: LinearPath, w: &Matrix) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        gemv_rounds_x_to_bf16(level, w)
-            && (path == LinearPath::Packed || (path == LinearPath::Gemv && m == 1))
+        gemv_rounds_x_to_bf16(level, w) && matches!(path, LinearPath::Packed | LinearPath::Gemv)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (level, path, m, w);
+        let _ = (level, path, w);
         false
     }
 }
@@ -558,7 +592,7 @@ mod tests {
             let mut got = vec![f32::NAN; want.len()];
             linear_prepacked_with_level(level, x, m, &p, bias, &mut got).unwrap();
             let what = format!("{what} prepacked {level}");
-            if rounds_x_to_bf16(level, LinearPath::Packed, m, w) && p.is_packed() {
+            if rounds_x_to_bf16(level, LinearPath::Packed, w) && p.is_packed() {
                 assert_within_bf16_rounding(&got, want, x, m, w, &what);
             } else {
                 assert_close(&got, want, tol(w.cols()), &what);
@@ -585,7 +619,7 @@ mod tests {
             Some((level, path)) => linear_with_path(level, path, x, m, w, bias, &mut got).unwrap(),
             None => linear(x, m, w, bias, &mut got).unwrap(),
         }
-        if rounds_x_to_bf16(level, path, m, w) {
+        if rounds_x_to_bf16(level, path, w) {
             assert_within_bf16_rounding(&got, want, x, m, w, what);
         } else {
             assert_close(&got, want, tol(w.cols()), what);

@@ -347,6 +347,139 @@ pub(crate) unsafe fn gemv_rows_dot_native(w: &[bf16], k: usize, xb: &[bf16], out
     }
 }
 
+/// Above this many rows of `x`, [`gemv_rows_dot_native_multi`] takes four weight rows at a
+/// time (16 independent accumulators, each x vector used four times); at or below it one,
+/// which streams faster. 32768 x 2048 bf16, GB/s of weights, same runs: m = 2, one row at a
+/// time 32-34 (exact `f32` GEMV 21-25); two rows at a time gave 27 at m = 2 and 24, 18, 12
+/// at m = 4, 8, 15, four rows 24-26, 18, 11-12 (exact 20-22, 13-15, 7-8).
+const ROW_BLOCK_MIN_M: usize = 2;
+/// Weight rows per block above [`ROW_BLOCK_MIN_M`].
+const ROW_BLOCK: usize = 4;
+
+/// [`gemv_rows_dot_native`] for `m` rows of `x` (`xb`, `m x k`, rounded to bf16): the
+/// transposed output `out_t[r * m + i] = dot(w row r, x row i)` for `out_t.len() / m` weight
+/// rows. Each weight row (for `m` above [`ROW_BLOCK_MIN_M`], each block of [`ROW_BLOCK`]
+/// adjacent rows) is finished against every row of `x`, four at a time, while it stays in
+/// L1, before the next starts.
+///
+/// # Safety
+/// As [`gemv_rows_dot_native`]. Slice lengths are checked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+pub(crate) unsafe fn gemv_rows_dot_native_multi(
+    w: &[bf16],
+    k: usize,
+    xb: &[bf16],
+    m: usize,
+    out_t: &mut [f32],
+) {
+    let rows = out_t.len() / m.max(1);
+    assert!(
+        m > 0 && out_t.len() == rows * m && xb.len() >= m * k && w.len() >= rows * k,
+        "gemv_rows_dot_native_multi: inputs too short"
+    );
+    let (xp, wp, op) = (
+        xb.as_ptr().cast::<i16>(),
+        w.as_ptr().cast::<i16>(),
+        out_t.as_mut_ptr(),
+    );
+    let mut r = 0;
+    while r < rows {
+        let block = m > ROW_BLOCK_MIN_M && rows - r >= ROW_BLOCK;
+        let mut i = 0;
+        while i < m {
+            let (row, x, out) = (
+                wp.wrapping_add(r * k),
+                xp.wrapping_add(i * k),
+                op.wrapping_add(r * m + i),
+            );
+            // SAFETY: weight rows `r .. r + R <= rows` (`R` is 1 or `ROW_BLOCK`), x rows
+            // `i .. i + G <= m` and outputs `(r .. r + R) * m + (i .. i + G)` are inside the
+            // slices checked above; the CPU features are the caller's contract.
+            unsafe {
+                match (block, m - i) {
+                    (true, 1) => dot_tile::<ROW_BLOCK, 1>(row, x, k, out, m),
+                    (true, 2) => dot_tile::<ROW_BLOCK, 2>(row, x, k, out, m),
+                    (true, 3) => dot_tile::<ROW_BLOCK, 3>(row, x, k, out, m),
+                    (true, _) => dot_tile::<ROW_BLOCK, 4>(row, x, k, out, m),
+                    (false, 1) => dot_tile::<1, 1>(row, x, k, out, m),
+                    (false, 2) => dot_tile::<1, 2>(row, x, k, out, m),
+                    (false, 3) => dot_tile::<1, 3>(row, x, k, out, m),
+                    (false, _) => dot_tile::<1, 4>(row, x, k, out, m),
+                }
+            }
+            i += 4;
+        }
+        r += if block { ROW_BLOCK } else { 1 };
+    }
+}
+
+/// `out[q * ldo + g] = dot(weight row q, x row g)` for `q < R`, `g < G` (rows of `k` bf16,
+/// weight rows and x rows each `k` apart).
+///
+/// # Safety
+/// `row` valid for `R * k` elements, `x` for `G * k`, `out` for the `R x G` writes; AVX-512
+/// F/BW/VL and AVX512_BF16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+unsafe fn dot_tile<const R: usize, const G: usize>(
+    row: *const i16,
+    x: *const i16,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); G]; R];
+    let mut p = 0;
+    while p + 32 <= k {
+        // SAFETY: elements `p .. p + 32 <= k` of every weight and x row (the caller's bounds).
+        unsafe { dot_step::<R, G>(&mut acc, row, x, k, p, !0) };
+        p += 32;
+    }
+    if p < k {
+        // SAFETY: the lanes below `k - p` only.
+        unsafe { dot_step::<R, G>(&mut acc, row, x, k, p, (1u32 << (k - p)) - 1) };
+    }
+    for (q, a) in acc.iter().enumerate() {
+        for (g, v) in a.iter().enumerate() {
+            // SAFETY: `q < R`, `g < G`, within the caller's bounds.
+            unsafe { *out.add(q * ldo + g) = _mm512_reduce_add_ps(*v) };
+        }
+    }
+}
+
+/// One step of [`dot_tile`]: the `lanes` of elements `p .. p + 32` of every row.
+///
+/// # Safety
+/// Those lanes of the `R` weight rows and `G` x rows (each `k` apart) are readable; AVX-512
+/// F/BW/VL and AVX512_BF16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
+unsafe fn dot_step<const R: usize, const G: usize>(
+    acc: &mut [[__m512; G]; R],
+    row: *const i16,
+    x: *const i16,
+    k: usize,
+    p: usize,
+    lanes: __mmask32,
+) {
+    // SAFETY: the caller's contract; `__m512bh` and `__m512i` are both 512-bit vectors.
+    unsafe {
+        let mut wv = [_mm512_setzero_si512(); R];
+        for (q, v) in wv.iter_mut().enumerate() {
+            *v = _mm512_maskz_loadu_epi16(lanes, row.add(q * k + p));
+        }
+        for g in 0..G {
+            let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                lanes,
+                x.add(g * k + p),
+            ));
+            for (a, v) in acc.iter_mut().zip(&wv) {
+                a[g] = _mm512_dpbf16_ps(a[g], std::mem::transmute::<__m512i, __m512bh>(*v), xv);
+            }
+        }
+    }
+}
+
 /// [`ukr_dot_native`] computed with AVX-512 F only (same operands, same order of the two
 /// products per step; differs from `vdpbf16ps` only for subnormals, which it does not
 /// flush). Lets CPUs without AVX512_BF16 test the bf16-activation path.
