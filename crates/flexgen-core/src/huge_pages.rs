@@ -56,6 +56,8 @@ fn advise(ptr: *mut u8, size: usize) {
     unsafe {
         libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, end);
 }
 
 /// The layout `System` is asked for: `layout` itself, or for large blocks the same size at a
