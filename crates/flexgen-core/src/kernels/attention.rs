@@ -287,7 +287,7 @@ fn decode(
         }
         return;
     }
-    let mut run = |parts: &mut [f32]| {
+    let run = |parts: &mut [f32]| {
         let task = |(t, buf): (usize, &mut [f32])| {
             let (dst, stats) = buf.split_at_mut(hidden);
             partial(t / splits, t % splits, dst, stats);
@@ -332,15 +332,7 @@ fn decode(
         }
     };
     let len = rows * splits * slot;
-    PARTIALS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            run(&mut buf[..len]);
-        }
-        Err(_) => run(&mut vec![0.0; len]),
-    });
+    super::with_buf(&PARTIALS, len, run);
 }
 
 /// Heads whose softmax statistics [`decode`] keeps on the stack (more use the heap).

@@ -21,6 +21,7 @@ use gemm::Parallelism;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::with_buf;
 use crate::dtype::DType;
 use crate::error::{check_len, checked_product, Result};
 use crate::matrix::{Matrix, Storage};
@@ -246,17 +247,20 @@ pub fn linear_prepacked_with_level(
 
 /// GEMV path. Shapes are valid and `m, n, k > 0`.
 fn gemv(level: SimdLevel, x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if let (true, Storage::BF16(d)) = (gemv_rounds_x_to_bf16(level, w), w.storage()) {
-        return gemv_bf16_dot(x, m, d, w.cols(), bias, out);
-    }
+    let fill = |out_t: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Storage::BF16(d)) = (gemv_rounds_x_to_bf16(level, w), w.storage()) {
+            return gemv_bf16_dot_t(x, m, d, w.cols(), bias, out_t);
+        }
+        gemv_t(level, x, m, w, bias, out_t);
+    };
     if m == 1 {
-        gemv_t(level, x, 1, w, bias, out);
+        fill(out);
     } else {
         // The kernels write out transposed (`n x m`) so each task owns a contiguous block.
         let n = w.rows();
         with_scratch(m * n, |out_t| {
-            gemv_t(level, x, m, w, bias, out_t);
+            fill(out_t);
             for (j, col) in out_t.chunks_exact(m).enumerate() {
                 for (i, &v) in col.iter().enumerate() {
                     out[i * n + j] = v;
@@ -277,57 +281,31 @@ fn gemv_rounds_x_to_bf16(level: SimdLevel, w: &Matrix) -> bool {
 }
 
 thread_local! {
-    /// `x` rounded to bf16 for [`gemv_bf16_dot`], per calling thread.
+    /// `x` rounded to bf16 for [`gemv_bf16_dot_t`], per calling thread.
     static X_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `m` rows of `x` against row-major bf16 weights `w` (`n x k`) with `vdpbf16ps`: `x` is
-/// rounded to bf16 once, then each thread streams its output features' weight rows, one
-/// row at a time.
+/// [`gemv_t`] for bf16 weights `w` (`n x k`) with `vdpbf16ps`: `x` is rounded to bf16 once,
+/// then each thread streams its output features' weight rows one row (or block of rows) at a
+/// time.
 #[cfg(target_arch = "x86_64")]
-fn gemv_bf16_dot(x: &[f32], m: usize, w: &[bf16], k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
-    use crate::simd::avx512_gemm::{gemv_rows_dot_native, gemv_rows_dot_native_multi};
-    let round = |xb: &mut [bf16]| {
-        for (b, &v) in xb.iter_mut().zip(&x[..m * k]) {
-            *b = bf16::from_f32(v);
-        }
-    };
-    let mut run = |xb: &[bf16]| {
-        if m == 1 {
-            par_output_rows(out, k, 1, bias, |r0, ot| {
-                // SAFETY: `gemv_rounds_x_to_bf16` checked AVX-512 and AVX512_BF16; the kernel
-                // checks the lengths.
-                unsafe { gemv_rows_dot_native(&w[r0 * k..(r0 + ot.len()) * k], k, xb, ot) };
-            });
-            return;
-        }
-        let n = out.len() / m;
-        with_scratch(m * n, |out_t| {
-            par_output_rows(out_t, k, m, bias, |r0, ot| {
-                let rows = &w[r0 * k..(r0 + ot.len() / m) * k];
-                // SAFETY: as above.
-                unsafe { gemv_rows_dot_native_multi(rows, k, xb, m, ot) };
-            });
-            for (j, col) in out_t.chunks_exact(m).enumerate() {
-                for (i, &v) in col.iter().enumerate() {
-                    out[i * n + j] = v;
-                }
-            }
+fn gemv_bf16_dot_t(
+    x: &[f32],
+    m: usize,
+    w: &[bf16],
+    k: usize,
+    bias: Option<&[f32]>,
+    out_t: &mut [f32],
+) {
+    with_buf(&X_BF16, m * k, |xb| {
+        super::convert::f32_to_bf16(&x[..m * k], xb);
+        let xb: &[bf16] = xb;
+        par_output_rows(out_t, k, m, bias, |r0, ot| {
+            let rows = &w[r0 * k..(r0 + ot.len() / m) * k];
+            // SAFETY: `gemv_rounds_x_to_bf16` checked AVX-512 and AVX512_BF16; the kernel
+            // checks the lengths.
+            unsafe { crate::simd::avx512_gemm::gemv_rows_dot_native(rows, k, xb, m, ot) };
         });
-    };
-    X_BF16.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < m * k {
-                v.resize(m * k, bf16::ZERO);
-            }
-            round(&mut v[..m * k]);
-            run(&v[..m * k]);
-        }
-        Err(_) => {
-            let mut v = vec![bf16::ZERO; m * k];
-            round(&mut v);
-            run(&v);
-        }
     });
 }
 
@@ -508,15 +486,7 @@ thread_local! {
 
 /// Runs `f` with a scratch slice of `len` floats (fresh if this thread's is in use).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < len {
-                v.resize(len, 0.0);
-            }
-            f(&mut v[..len])
-        }
-        Err(_) => f(&mut vec![0.0; len]),
-    })
+    with_buf(&SCRATCH, len, f)
 }
 
 /// Whether `linear_with_path(level, path, ..)` rounds `x` to bf16 for the weights `w` (the

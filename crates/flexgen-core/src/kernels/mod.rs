@@ -35,6 +35,24 @@ pub use row_blocks::{
 };
 pub use softmax::{masked_softmax, masked_softmax_ref, masked_softmax_with_level};
 
+/// Runs `f` with `len` elements of this thread's buffer `cell`, grown as needed and reused
+/// across calls (a fresh one if it is already borrowed, e.g. by a caller up the stack).
+pub(crate) fn with_buf<T: Copy + Default, R>(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, T::default());
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![T::default(); len]),
+    })
+}
+
 /// Number of elements above which row-wise kernels split their rows across rayon threads.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 

@@ -25,7 +25,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::row_blocks::RowBlocks;
-use super::SharedOut;
+use super::{with_buf, SharedOut};
 use crate::dtype::DType;
 use crate::matrix::{Matrix, Storage};
 use crate::panel_matrix::{PanelData, PanelMatrix};
@@ -63,7 +63,7 @@ pub(crate) enum Micro {
 impl Micro {
     /// The micro-kernel for bf16 weights on this CPU.
     fn for_bf16() -> Micro {
-        if has_avx512_bf16() && bf16_dot_allowed() {
+        if has_avx512_bf16() && super::linear::bf16_dot_enabled() {
             Micro::DotNative
         } else {
             Micro::PairsF32x
@@ -108,11 +108,6 @@ impl Micro {
     }
 }
 
-/// [`super::linear::bf16_dot_enabled`].
-fn bf16_dot_allowed() -> bool {
-    super::linear::bf16_dot_enabled()
-}
-
 thread_local! {
     /// Packed `x` of the calling thread.
     static X_PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
@@ -120,23 +115,6 @@ thread_local! {
     static W_PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// A [`RowBlocks`] weight's `f32` block, before packing, of a worker thread.
     static W_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with `len` elements of `cell`'s buffer (a fresh one if it is already borrowed).
-fn with_buf<T: Copy + Default, R>(
-    cell: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
-    cell.with(|c| match c.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < len {
-                v.resize(len, T::default());
-            }
-            f(&mut v[..len])
-        }
-        Err(_) => f(&mut vec![T::default(); len]),
-    })
 }
 
 /// Packed `x`: panel `ip` holds rows `ip * MR ..` (`M = min(MR, m - ip * MR)` of them) as

@@ -288,22 +288,17 @@ pub(crate) unsafe fn ukr_dot_native<const M: usize>(
     unsafe { store_tile::<M>(&acc, c, ldc, init, nvalid) };
 }
 
-/// Decode's bf16 matrix-vector product with `vdpbf16ps`: `out[r] = dot(w row r, x)` for
-/// `out.len()` row-major bf16 rows of length `k`, and `x` already rounded to bf16 (`xb`, `k`
-/// values). Each row is finished before the next starts, so the weights are read as one
+/// [`gemv_rows_dot_native`] at `m == 1` (decode): `out[r] = dot(w row r, x)`. Each row is
+/// finished before the next starts, with two accumulators, so the weights are read as one
 /// sequential stream, which the hardware prefetchers follow at the full read bandwidth (8
 /// rows side by side, as the `f32` GEMV reads them, reach about 70% of it: 44 against 62
-/// GB/s on the development VM with huge pages). Arithmetic per lane as [`ukr_dot_native`]:
-/// `acc += w_odd * x_odd`, then `acc += w_even * x_even`.
+/// GB/s on the development VM with huge pages).
 ///
 /// # Safety
-/// The CPU supports AVX-512 F/BW/VL and AVX512_BF16. Slice lengths are checked.
+/// `xb.len() >= k`, `w.len() >= out.len() * k`; AVX-512 F/BW/VL and AVX512_BF16.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
-pub(crate) unsafe fn gemv_rows_dot_native(w: &[bf16], k: usize, xb: &[bf16], out: &mut [f32]) {
-    assert!(
-        xb.len() >= k && w.len() >= out.len() * k,
-        "gemv_rows_dot_native: inputs too short"
-    );
+unsafe fn dot_rows_one_x(w: &[bf16], k: usize, xb: &[bf16], out: &mut [f32]) {
     let (xp, wp) = (xb.as_ptr().cast::<i16>(), w.as_ptr().cast::<i16>());
     let dot = |a: __m512, w: __m512i, x: __m512i| {
         // SAFETY: `__m512bh` and `__m512i` are both 512-bit vectors (the transmutes
@@ -321,7 +316,7 @@ pub(crate) unsafe fn gemv_rows_dot_native(w: &[bf16], k: usize, xb: &[bf16], out
         let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut p = 0;
         // SAFETY (all loads): element offsets `p .. p + 32` (or the masked lanes) are below
-        // `k`, inside row `r < out.len()` of `w` and inside `xb` (lengths asserted above).
+        // `k`, inside row `r < out.len()` of `w` and inside `xb` (the caller's contract).
         unsafe {
             while p + 64 <= k {
                 let (w0, w1) = (
@@ -347,7 +342,7 @@ pub(crate) unsafe fn gemv_rows_dot_native(w: &[bf16], k: usize, xb: &[bf16], out
     }
 }
 
-/// Above this many rows of `x`, [`gemv_rows_dot_native_multi`] takes four weight rows at a
+/// Above this many rows of `x`, [`gemv_rows_dot_native`] takes four weight rows at a
 /// time (16 independent accumulators, each x vector used four times); at or below it one,
 /// which streams faster. 32768 x 2048 bf16, GB/s of weights, same runs: m = 2, one row at a
 /// time 32-34 (exact `f32` GEMV 21-25); two rows at a time gave 27 at m = 2 and 24, 18, 12
@@ -356,16 +351,18 @@ const ROW_BLOCK_MIN_M: usize = 2;
 /// Weight rows per block above [`ROW_BLOCK_MIN_M`].
 const ROW_BLOCK: usize = 4;
 
-/// [`gemv_rows_dot_native`] for `m` rows of `x` (`xb`, `m x k`, rounded to bf16): the
-/// transposed output `out_t[r * m + i] = dot(w row r, x row i)` for `out_t.len() / m` weight
-/// rows. Each weight row (for `m` above [`ROW_BLOCK_MIN_M`], each block of [`ROW_BLOCK`]
-/// adjacent rows) is finished against every row of `x`, four at a time, while it stays in
-/// L1, before the next starts.
+/// The bf16 GEMV with `vdpbf16ps`, for row-major bf16 weights `w` (rows of length `k`) and
+/// `m` rows of `x` already rounded to bf16 (`xb`, `m x k`): the transposed output
+/// `out_t[r * m + i] = dot(w row r, x row i)` for `out_t.len() / m` weight rows. Each weight
+/// row (for `m` above [`ROW_BLOCK_MIN_M`], each block of [`ROW_BLOCK`] adjacent rows) is
+/// finished against every row of `x`, four at a time, while it stays in L1, before the next
+/// starts, so the weights stream sequentially. Arithmetic per lane as [`ukr_dot_native`]:
+/// `acc += w_odd * x_odd`, then `acc += w_even * x_even`.
 ///
 /// # Safety
-/// As [`gemv_rows_dot_native`]. Slice lengths are checked.
+/// The CPU supports AVX-512 F/BW/VL and AVX512_BF16. Slice lengths are checked.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c,avx512bf16")]
-pub(crate) unsafe fn gemv_rows_dot_native_multi(
+pub(crate) unsafe fn gemv_rows_dot_native(
     w: &[bf16],
     k: usize,
     xb: &[bf16],
@@ -375,8 +372,12 @@ pub(crate) unsafe fn gemv_rows_dot_native_multi(
     let rows = out_t.len() / m.max(1);
     assert!(
         m > 0 && out_t.len() == rows * m && xb.len() >= m * k && w.len() >= rows * k,
-        "gemv_rows_dot_native_multi: inputs too short"
+        "gemv_rows_dot_native: inputs too short"
     );
+    if m == 1 {
+        // SAFETY: lengths asserted above; the CPU features are the caller's contract.
+        return unsafe { dot_rows_one_x(w, k, xb, out_t) };
+    }
     let (xp, wp, op) = (
         xb.as_ptr().cast::<i16>(),
         w.as_ptr().cast::<i16>(),
