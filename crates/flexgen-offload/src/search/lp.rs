@@ -20,7 +20,7 @@ use good_lp::{
 };
 use serde::Serialize;
 
-use super::cost_model::{CacheMode, CostModel, Lin, Placement, Prediction};
+use super::cost_model::{CacheMode, CostModel, Lin, Placement, Prediction, Terms};
 use super::error::{Result, SearchError};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -86,13 +86,37 @@ fn better(a: Option<LpSolution>, b: Option<LpSolution>) -> Option<LpSolution> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Lp;
 
+/// The best of `solve_one(mode, lo, hi)` over [`cache_options`].
+fn best_over_modes(
+    model: &CostModel,
+    mut solve_one: impl FnMut(CacheMode, f64, f64) -> Result<Option<LpSolution>>,
+) -> Result<Option<LpSolution>> {
+    let mut best = None;
+    for (mode, lo, hi) in cache_options(model) {
+        best = better(best, solve_one(mode, lo, hi)?);
+    }
+    Ok(best)
+}
+
+/// The layer times of one block shape, each as its `(I/O, compute)` terms: decoder layer at
+/// prefill and at decode, embedding and output layers at prefill and at decode.
+fn layer_times(t: &Terms) -> [(&Lin, &Lin); 4] {
+    [
+        (&t.prefill_io, &t.prefill_compute),
+        (&t.decode_io, &t.decode_compute),
+        (&t.embed_io, &t.embed_prefill_compute),
+        (&t.embed_io, &t.embed_decode_compute),
+    ]
+}
+
+/// The coefficient of `wd` in `lin` when every weight fraction is `wd` (the LP's view).
+fn weight_coefficient(lin: &Lin) -> f64 {
+    lin.w + lin.e + lin.f
+}
+
 impl PlacementSolver for Lp {
     fn solve(&self, model: &CostModel, cap: &Capacity) -> Result<Option<LpSolution>> {
-        let mut best = None;
-        for (mode, lo, hi) in cache_options(model) {
-            best = better(best, solve_mode(model, cap, mode, lo, hi)?);
-        }
-        Ok(best)
+        best_over_modes(model, |mode, lo, hi| solve_mode(model, cap, mode, lo, hi))
     }
 }
 
@@ -137,7 +161,7 @@ impl PlacementSolver for Grid {
 /// `lin` with every weight fraction set to `wd` and the cache fraction to `cd`, scaled.
 fn expr(lin: &Lin, wd: Variable, cd: Variable, scale: f64) -> Expression {
     let mut e = Expression::from(lin.c / scale);
-    e += ((lin.w + lin.e + lin.f) / scale) * wd;
+    e += (weight_coefficient(lin) / scale) * wd;
     e += (lin.k / scale) * cd;
     e
 }
@@ -165,12 +189,7 @@ pub fn solve_mode(
     let objective: Expression =
         l * tp + tep + (n - 1.0) * (l * tg) + (n - 1.0) * teg + tie * wd + tie * cd;
     let mut problem = vars.minimise(objective).using(microlp);
-    for (tv, io, comp) in [
-        (tp, &t.prefill_io, &t.prefill_compute),
-        (tg, &t.decode_io, &t.decode_compute),
-        (tep, &t.embed_io, &t.embed_prefill_compute),
-        (teg, &t.embed_io, &t.embed_decode_compute),
-    ] {
+    for (tv, (io, comp)) in [tp, tg, tep, teg].into_iter().zip(layer_times(&t)) {
         if model.overlap() {
             problem = problem
                 .with(constraint!(tv >= expr(io, wd, cd, 1.0)))
@@ -220,11 +239,9 @@ pub struct Vertices;
 
 impl PlacementSolver for Vertices {
     fn solve(&self, model: &CostModel, cap: &Capacity) -> Result<Option<LpSolution>> {
-        let mut best = None;
-        for (mode, lo, hi) in cache_options(model) {
-            best = better(best, solve_mode_at_vertices(model, cap, mode, lo, hi));
-        }
-        Ok(best)
+        best_over_modes(model, |mode, lo, hi| {
+            Ok(solve_mode_at_vertices(model, cap, mode, lo, hi))
+        })
     }
 }
 
@@ -240,7 +257,7 @@ impl PlaneLine {
     /// Where `lin` (with every weight fraction at `wd`) equals `value`.
     fn level(lin: &Lin, value: f64) -> Self {
         PlaneLine {
-            a: lin.w + lin.e + lin.f,
+            a: weight_coefficient(lin),
             b: lin.k,
             r: value - lin.c,
         }
@@ -294,12 +311,7 @@ fn solve_mode_at_vertices(
         PlaneLine::level(&t.disk, cap.disk),
     ];
     if model.overlap() {
-        for (io, comp) in [
-            (&t.prefill_io, &t.prefill_compute),
-            (&t.decode_io, &t.decode_compute),
-            (&t.embed_io, &t.embed_prefill_compute),
-            (&t.embed_io, &t.embed_decode_compute),
-        ] {
+        for (io, comp) in layer_times(&t) {
             let gap = *io + model.overlapped_compute(io, comp).scale(-1.0);
             lines.push(PlaneLine::level(&gap, 0.0));
         }
