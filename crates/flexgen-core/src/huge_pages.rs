@@ -33,8 +33,8 @@ pub struct HugePageAlloc;
 const HUGE_PAGE: usize = 2 << 20;
 
 impl HugePageAlloc {
-    /// Allocations of at least this many bytes are advised (smaller ones could not hold an
-    /// aligned huge page once glibc's header is in front of them).
+    /// Allocations of at least this many bytes are aligned and advised. Below it, a 2 MiB
+    /// alignment would cost up to 2 MiB of address space per block for at most one huge page.
     pub const MIN_BYTES: usize = 4 << 20;
 }
 
